@@ -1,0 +1,1 @@
+"""Data layer: the input contract, decoding, preprocessing, augmentation, datasets and splits."""

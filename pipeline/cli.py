@@ -1,0 +1,159 @@
+"""`cxr` command line: argument parsing and printing only; the work is in pipeline.api.
+
+Exit codes: 0 everything succeeded, 1 some inputs failed (listed), 2 bad usage or
+unusable inputs (nothing was processed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline import __version__
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or unusable inputs: printed without a traceback, exit 2."""
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from pipeline import api
+
+    result = api.check_data(
+        args.dir, manifest=args.manifest, masks=args.masks, splits=args.splits, max_pixels=args.max_pixels
+    )
+    rep = result.report
+    out = sys.stdout
+    print(f"{args.manifest or args.dir}: {rep.n_images} images, {rep.n_readable} readable", file=out)
+    print("per class: " + ", ".join(f"{c} {n}" for c, n in sorted(rep.per_class.items())), file=out)
+    if rep.per_class_source:
+        print("per class and source:", file=out)
+        for (label, source), n in sorted(rep.per_class_source.items()):
+            print(f"  {label:<10} {source:<45} {n:>5}", file=out)
+    if rep.min_size:
+        print(f"image size: smallest {rep.min_size[0]}x{rep.min_size[1]}, largest {rep.max_size[0]}x{rep.max_size[1]}", file=out)
+    if args.masks:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(rep.masks_per_kind.items())) or "none"
+        print(f"masks paired: {kinds}", file=out)
+        for kind, names in result.orphans.items():
+            print(f"  {kind}: {len(names)} mask(s) match no image, e.g. {names[0]}", file=out)
+    print(f"near-duplicate pairs: {len(rep.near_duplicates)}", file=out)
+    for a, b, d in rep.near_duplicates[:20]:
+        print(f"  {a}  ~  {b}  (distance {d})", file=out)
+    if args.splits:
+        print(f"leaks across splits: {len(rep.leaks)}", file=out)
+        for leak in rep.leaks:
+            print(f"  {leak.describe()}", file=out)
+    print(f"unreadable: {len(rep.failures)}", file=out)
+    for path, reason in rep.failures:
+        print(f"  {path}: {reason}", file=out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep.to_dict(), indent=2) + "\n")
+    return EXIT_OK if rep.ok else EXIT_SOME_FAILED
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from pipeline import api
+
+    res = api.split_data(args.dir, args.out, manifest=args.manifest, val=args.val, test=args.test, seed=args.seed)
+    print(f"wrote {res.path} ({res.n_groups} patient/duplicate groups)")
+    for split, counts in res.counts.items():
+        print(f"  {split:<5} " + ", ".join(f"{c} {n}" for c, n in counts.items()) + f"  (total {sum(counts.values())})")
+    if res.leaks:
+        print(f"  warning: {res.leaks} near-duplicate pair(s) across splits; see `cxr data check --splits`")
+    for path, reason in res.failures:
+        print(f"  left out {path}: {reason}")
+    return EXIT_SOME_FAILED if res.failures else EXIT_OK
+
+
+def _existing_dir(value: str) -> str:
+    if not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such folder")
+    return value
+
+
+def _existing_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return value
+
+
+def _fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return f
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `cxr` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="cxr",
+        description="Chest X-ray triage research pipeline: classify (normal/pneumonia/covid), "
+        "explain (Grad-CAM) and segment. Research use only, not for diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect and split data folders")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(help_parser=data)
+
+    check = data_sub.add_parser("check", help="counts, sizes, masks, unreadable files, duplicates, leaks")
+    check.add_argument("dir", type=_existing_dir, help="folder with normal/ pneumonia/ covid/ (or the --manifest root)")
+    check.add_argument("--manifest", type=_existing_file, help="CSV with file,label[,patient_id][,source]")
+    check.add_argument("--masks", type=_existing_dir, help="mask folder MASKDIR/<kind>/<image name>")
+    check.add_argument("--splits", type=_existing_file, help="splits CSV to check for patient/duplicate leaks")
+    check.add_argument("--max-pixels", type=_positive_int, help="refuse images with more pixels (default 80M)")
+    check.add_argument("--json", help="also write the report as JSON to this file")
+    check.set_defaults(func=_cmd_data_check)
+
+    split = data_sub.add_parser("split", help="patient-level stratified train/val/test split")
+    split.add_argument("dir", type=_existing_dir)
+    split.add_argument("--out", required=True, help="splits CSV to write")
+    split.add_argument("--manifest", type=_existing_file)
+    split.add_argument("--val", type=_fraction, default=0.15)
+    split.add_argument("--test", type=_fraction, default=0.15)
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=_cmd_data_split)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cxr` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        # No command, or a group without its subcommand: show that level's help.
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
+        return EXIT_USAGE
+    from data.datasets import DatasetError
+
+    try:
+        return func(args)
+    except (UsageError, DatasetError) as err:
+        print(f"cxr: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

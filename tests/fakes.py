@@ -1,0 +1,102 @@
+"""Test data made on the fly: X-ray-like pictures and awkward files. No real data here."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def xray_like(h: int = 96, w: int = 80, seed: int = 0) -> np.ndarray:
+    """A uint8 grayscale picture with structure (two dark lung fields on a bright body)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 200 - 40 * np.exp(-(((xx - w * 0.3) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2))
+    img -= 40 * np.exp(-(((xx - w * 0.7) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2))
+    img += rng.normal(0, 5, size=(h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width×height but holds almost no data (a decompression bomb shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def write_monochrome1_dicom(path: Path, pixels: np.ndarray) -> None:
+    """A minimal valid MONOCHROME1 DICOM file with a fake patient name (must never be echoed)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "SECRET-123"
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+#: name → (expected outcome: "ok" or a substring of the error reason)
+BAD_CORPUS_EXPECT = {
+    "zero.png": "empty file",
+    "truncated.png": "truncated PNG",
+    "truncated.jpg": "truncated JPEG",
+    "text.png": "not an image",
+    "one_pixel.png": "too small: 1x1",
+    "huge.png": "too large: 30000x30000",
+    "rgba.png": "ok",
+    "cmyk.jpg": "ok",
+    "gray16.png": "ok",
+    "mono1.dcm": "ok",
+}
+
+
+
+def make_bad_corpus(d: Path) -> Path:
+    """Write every BAD_CORPUS_EXPECT file into ``d``."""
+    base = xray_like(96, 80)
+    good_png = png_bytes(base)
+    (d / "zero.png").write_bytes(b"")
+    (d / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    jpg = io.BytesIO()
+    Image.fromarray(base).save(jpg, format="JPEG", quality=90)
+    (d / "truncated.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
+    (d / "text.png").write_text("this is not a picture\n")
+    (d / "one_pixel.png").write_bytes(png_bytes(np.zeros((1, 1), np.uint8)))
+    (d / "huge.png").write_bytes(huge_png_header(30000, 30000))
+    rgba = np.dstack([base, base, base, np.full_like(base, 255)])
+    (d / "rgba.png").write_bytes(png_bytes(rgba))
+    cmyk = Image.fromarray(np.dstack([base] * 3)).convert("CMYK")
+    cmyk.save(d / "cmyk.jpg", format="JPEG", quality=95)
+    gray16 = (base.astype(np.uint16) * 257)
+    Image.fromarray(gray16).save(d / "gray16.png")
+    mono1 = 4095 - (base.astype(np.uint16) * 16)  # MONOCHROME1: high stored value = dark
+    write_monochrome1_dicom(d / "mono1.dcm", mono1)
+    return d
