@@ -1,0 +1,207 @@
+"""Registry of the three ensemble members and the builder of one member.
+
+A member is ``Input(0–255 RGB) → its own preprocessing → backbone → head`` (shared/STYLE.md
+§3): callers always pass the data.spec pixel contract. Every member model has two outputs,
+``{name}_probs`` (B, 3) softmax and ``{name}_features`` (B, h, w, K), the backbone's last
+conv maps, so Grad-CAM needs no second pass.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+from keras import layers, ops
+
+from data import spec
+
+#: Weight sources accepted by :func:`build_member`.
+WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *_notop.h5 files")
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class ChannelAffine(layers.Layer):
+    """``y = x[..., order] * scale + offset`` per channel: in-graph ImageNet normalisation.
+
+    A plain elementwise layer (no variables), so it exports to ONNX as constants.
+    """
+
+    def __init__(self, scale, offset, reverse_channels: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.scale = [float(s) for s in scale]
+        self.offset = [float(o) for o in offset]
+        self.reverse_channels = bool(reverse_channels)
+
+    def call(self, inputs):
+        x = ops.flip(inputs, axis=-1) if self.reverse_channels else inputs
+        scale = ops.convert_to_tensor(self.scale, dtype=x.dtype)
+        offset = ops.convert_to_tensor(self.offset, dtype=x.dtype)
+        return x * scale + offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset,
+                "reverse_channels": self.reverse_channels}
+
+
+def _torch_mode(name: str) -> layers.Layer:
+    # keras.applications.densenet.preprocess_input(mode="torch"): x/255, minus mean, over std.
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return ChannelAffine([1 / (255 * s) for s in std], [-m / s for m, s in zip(mean, std)], name=name)
+
+
+def _caffe_mode(name: str) -> layers.Layer:
+    # keras.applications.vgg19.preprocess_input(mode="caffe"): RGB→BGR, minus ImageNet BGR mean.
+    return ChannelAffine([1.0, 1.0, 1.0], [-103.939, -116.779, -123.68], reverse_channels=True, name=name)
+
+
+def _identity(name: str) -> layers.Layer:
+    # EfficientNet rescales and normalises inside its own graph (include_preprocessing=True).
+    return layers.Identity(name=name)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """How to build one backbone and where its Grad-CAM layer is."""
+
+    constructor: Callable[..., keras.Model]
+    preprocessing: Callable[[str], layers.Layer]
+    imagenet_file: str  # Keras's no-top weight file name, as cached in ~/.keras/models
+    features_layer: str  # backbone layer whose output is the member's features (the Grad-CAM layer)
+    min_size: int  # smallest input side that leaves a ≥2×2 final map
+
+
+MEMBERS: dict[str, MemberSpec] = {
+    "densenet121": MemberSpec(
+        keras.applications.DenseNet121, _torch_mode,
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "relu", 64,
+    ),
+    "efficientnetb0": MemberSpec(
+        keras.applications.EfficientNetB0, _identity, "efficientnetb0_notop.h5", "top_activation", 64,
+    ),
+    "vgg19": MemberSpec(
+        keras.applications.VGG19, _caffe_mode,
+        "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "block5_conv4", 64,
+    ),
+}
+
+
+def member_spec(name: str) -> MemberSpec:
+    """The registry entry for ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return MEMBERS[name]
+    except KeyError:
+        raise ValueError(f"unknown member {name!r}; valid members: {', '.join(MEMBERS)}") from None
+
+
+def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str | None:
+    """Turn a weights argument into what keras.applications accepts, checking local files first.
+
+    "imagenet" is passed through (Keras downloads it, verifies its hash and caches it in
+    ~/.keras/models, where an offline machine can be given the file); a folder is searched
+    for the member's standard no-top file; a file path is used as is.
+    """
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None
+    if isinstance(weights, str) and weights == "imagenet":
+        return "imagenet"
+    path = Path(weights)
+    if path.is_dir():
+        path = path / member_spec(name).imagenet_file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: weights file for {name} not found; pass 'imagenet' (online), 'none', "
+            f"a .h5 file, or a folder holding {member_spec(name).imagenet_file}"
+        )
+    return str(path)
+
+
+def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+    """The member's keras.applications model without its top, named ``{name}_backbone``."""
+    ms = member_spec(name)
+    kwargs = {"include_top": False, "weights": weights, "input_shape": input_shape}
+    try:
+        backbone = ms.constructor(**kwargs)
+    except (OSError, ValueError) as err:
+        if weights == "imagenet":
+            raise RuntimeError(
+                f"could not get ImageNet weights for {name} ({err}); on an offline machine copy "
+                f"{ms.imagenet_file} into ~/.keras/models/ or pass weights='none' or a local file"
+            ) from err
+        if weights is not None:
+            raise RuntimeError(f"{weights}: cannot load as {name} backbone weights ({err})") from err
+        raise
+    last = backbone.get_layer(ms.features_layer)
+    if last is not backbone.layers[-1]:
+        # VGG19 ends in a max pool; stopping at block5_conv4 keeps a 2x finer Grad-CAM grid,
+        # and the pooling + dense head keeps CAM = ReLU(sum_k w_kc A_k) exact.
+        backbone = keras.Model(backbone.inputs, last.output)
+    backbone.name = f"{name}_backbone"
+    return backbone
+
+
+def freeze_early_layers(backbone: keras.Model, fraction: float) -> int:
+    """Make the first ``fraction`` of the backbone's layers non-trainable; returns how many.
+
+    Frozen BatchNormalization layers also run in inference mode (Keras 3 semantics).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"freeze_fraction must be in [0, 1], got {fraction}")
+    n = int(round(len(backbone.layers) * fraction))
+    for layer in backbone.layers[:n]:
+        layer.trainable = False
+    return n
+
+
+def build_member(
+    name: str,
+    *,
+    num_classes: int = spec.NUM_CLASSES,
+    weights: str | os.PathLike[str] | None = None,
+    input_shape: tuple[int, int, int] = (spec.DEFAULT_IMAGE_SIZE, spec.DEFAULT_IMAGE_SIZE, spec.CHANNELS),
+    freeze_fraction: float = 0.0,
+    dropout: float = 0.3,
+) -> keras.Model:
+    """One member: (B, H, W, 3) float32 in [0, 255] → {``{name}_probs``, ``{name}_features``}.
+
+    Sizes below the member's minimum (64 px) or not square-channel-3 are refused at build time.
+    """
+    ms = member_spec(name)
+    validate_input_shape(input_shape, ms.min_size)
+    inputs = keras.Input(shape=input_shape, name="image")
+    features = member_features(name, inputs, weights=weights, freeze_fraction=freeze_fraction)
+    probs = member_head(name, features, num_classes=num_classes, dropout=dropout)
+    return keras.Model(inputs, {f"{name}_probs": probs, f"{name}_features": features}, name=name)
+
+
+def member_features(name: str, inputs, *, weights, freeze_fraction: float):
+    """Preprocessing + backbone applied to ``inputs``; returns the last conv maps (B, h, w, K)."""
+    ms = member_spec(name)
+    backbone = build_backbone(name, input_shape=tuple(inputs.shape[1:]), weights=resolve_weights(name, weights))
+    freeze_early_layers(backbone, freeze_fraction)
+    x = ms.preprocessing(f"{name}_preprocess")(inputs)
+    return backbone(x)
+
+
+def member_head(name: str, features, *, num_classes: int, dropout: float):
+    """Global average pooling → dropout → Dense softmax; the Dense layer is ``{name}_head``."""
+    x = layers.GlobalAveragePooling2D(name=f"{name}_gap")(features)
+    x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return layers.Dense(num_classes, activation="softmax", name=f"{name}_head")(x)
+
+
+def validate_input_shape(input_shape: tuple[int, ...], min_size: int) -> None:
+    """ValueError unless ``input_shape`` is (S, S, 3) with S ≥ ``min_size`` and a multiple of 32."""
+    if len(input_shape) != 3 or input_shape[2] != spec.CHANNELS:
+        raise ValueError(f"input_shape must be (H, W, {spec.CHANNELS}), got {input_shape}")
+    h, w = input_shape[:2]
+    if h != w or h < min_size or h % 32:
+        raise ValueError(
+            f"input size {h}x{w} not supported: use a square side ≥ {min_size} that is a multiple of 32 "
+            "(the backbones downsample by 32)"
+        )

@@ -1,0 +1,107 @@
+"""Training: finite loss, gradients everywhere, save → load identity, tampering refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data.bundle import BundleError
+from data.datasets import make_dataset
+from ensemble.classifier import load_classifier
+from ensemble.ensemble import build_ensemble, loss_outputs
+from ensemble.train import PAPER_CLASS_WEIGHTS, ClassifierSettings, class_weight_table
+
+
+def test_one_step_gives_finite_loss_and_gradient_on_every_trainable_weight(tiny_records):
+    keras.utils.set_random_seed(0)
+    members = ("densenet121", "efficientnetb0", "vgg19")
+    model = build_ensemble(members, input_shape=(64, 64, 3), freeze_fraction=0.3)
+    x, y = next(iter(make_dataset(tiny_records[:8], size=64, batch_size=8)))
+    outputs = loss_outputs(members, "softvote")
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = sum(keras.losses.categorical_crossentropy(y, out[o]) for o in outputs)
+        loss = tf.reduce_mean(loss)
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert np.isfinite(float(loss))
+    missing = [w.path for w, g in zip(model.trainable_weights, grads) if g is None or not np.any(np.asarray(g))]
+    assert missing == []
+    assert len(model.trainable_weights) < len(model.weights)  # early layers frozen
+
+
+def test_fit_saves_bundle_and_history(trained_bundle):
+    out, result = trained_bundle
+    assert (out / "model.keras").is_file() and (out / "model.json").is_file()
+    assert (out / "training_log.csv").read_text().count("\n") == 2  # header + 1 epoch
+    assert all(np.isfinite(v).all() for v in result.history.values())
+    assert result.temperature > 0
+    side = json.loads((out / "model.json").read_text())
+    assert side["class_names"] == ["normal", "pneumonia", "covid"]
+    assert side["meta"]["members"] == ["densenet121", "efficientnetb0", "vgg19"]
+    assert side["config"]["epochs"] == 1
+
+
+def test_save_load_gives_identical_predictions(trained_bundle):
+    out, result = trained_bundle
+    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
+    a = result.classifier.predict(x)
+    b = load_classifier(out).predict(x)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    for m in a.features:
+        np.testing.assert_array_equal(a.features[m], b.features[m])
+    np.testing.assert_allclose(a.probs.sum(1), 1.0, atol=1e-5)
+    assert a.labels[0] in ("normal", "pneumonia", "covid")
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda d: (d / "model.keras").write_bytes((d / "model.keras").read_bytes() + b"\0"), "sha256 differs"),
+        (lambda d: (d / "model.json").unlink(), "missing"),
+        (lambda d: _edit(d, lambda s: s.update(class_names=["normal", "covid", "pneumonia"])), "class names"),
+        (lambda d: _edit(d, lambda s: s["config"].update(epochs=99)), "config_hash"),
+        (lambda d: _edit(d, lambda s: s.update(kind="segmenter")), "expected a 'classifier'"),
+        (lambda d: (d / "model.json").write_text("{"), "not valid JSON"),
+    ],
+)
+def test_tampered_bundle_is_refused(trained_bundle, tmp_path, tamper, message):
+    out, _ = trained_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    tamper(copy)
+    with pytest.raises(BundleError, match=message):
+        load_classifier(copy)
+
+
+def _edit(d, change):
+    side = json.loads((d / "model.json").read_text())
+    change(side)
+    (d / "model.json").write_text(json.dumps(side))
+
+
+def test_class_weights():
+    labels = ["normal"] * 6 + ["pneumonia"] * 3 + ["covid"] * 1
+    cw = class_weight_table(labels, "balanced")
+    assert cw == pytest.approx({"normal": 10 / 18, "pneumonia": 10 / 9, "covid": 10 / 3})
+    assert class_weight_table(labels, PAPER_CLASS_WEIGHTS) == {"normal": 701.0, "pneumonia": 1587.0, "covid": 4283.0}
+    assert class_weight_table(labels, "none") == {"normal": 1.0, "pneumonia": 1.0, "covid": 1.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"class_weights": {"normal": 1.0}}, "missing"),
+        ({"class_weights": "inverse"}, "balanced"),
+        ({"epochs": 0}, "≥ 1"),
+        ({"learning_rate": 5.0}, "learning_rate"),
+        ({"members": ("alexnet",)}, "valid members"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClassifierSettings(**kwargs)
