@@ -22,6 +22,10 @@ from data import spec
 WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *_notop.h5 files")
 
 
+class WeightsError(RuntimeError):
+    """Initial weights that cannot be found or loaded; the message says what to do."""
+
+
 @keras.saving.register_keras_serializable(package="cxr")
 class ChannelAffine(layers.Layer):
     """``y = x[..., order] * scale + offset`` per channel: in-graph ImageNet normalisation.
@@ -114,7 +118,7 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str | 
     if path.is_dir():
         path = path / member_spec(name).imagenet_file
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsError(
             f"{path}: weights file for {name} not found; pass 'imagenet' (online), 'none', "
             f"a .h5 file, or a folder holding {member_spec(name).imagenet_file}"
         )
@@ -129,12 +133,12 @@ def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str
         backbone = ms.constructor(**kwargs)
     except (OSError, ValueError) as err:
         if weights == "imagenet":
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not get ImageNet weights for {name} ({err}); on an offline machine copy "
                 f"{ms.imagenet_file} into ~/.keras/models/ or pass weights='none' or a local file"
             ) from err
         if weights is not None:
-            raise RuntimeError(f"{weights}: cannot load as {name} backbone weights ({err})") from err
+            raise WeightsError(f"{weights}: cannot load as {name} backbone weights ({err})") from err
         raise
     last = backbone.get_layer(ms.features_layer)
     if last is not backbone.layers[-1]:

@@ -71,6 +71,72 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.failures else EXIT_OK
 
 
+def _progress(desc: str):
+    from pipeline.api import progress_bar
+
+    return lambda items: progress_bar(items, desc=desc)
+
+
+def _records_from_args(args: argparse.Namespace):
+    from pipeline.api import gather_records
+
+    return gather_records(args.data, manifest=args.manifest)
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from pipeline.classifier_jobs import train_classifier_job
+
+    overrides = {
+        "members": args.members.split(",") if args.members else None,
+        "variant": args.variant,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "weights": args.weights,
+        "seed": args.seed,
+    }
+    records = _records_from_args(args)
+    res = train_classifier_job(records, args.out, config=args.config, overrides=overrides, splits=args.splits,
+                               allow_leaks=args.allow_leaks, progress=_progress("hashing"))
+    best = min(res.history.get("val_loss", [float("nan")]))
+    print(f"trained in {res.seconds:.0f} s on {res.split_counts['train']} images "
+          f"(val {res.split_counts['val']}, test {res.split_counts['test']} held out); best val_loss {best:.4f}, "
+          f"temperature {res.temperature:.3f}")
+    print(f"model: {res.out}  (curves: {res.out / 'training_curves.png'}, splits: {res.out / 'splits.csv'})")
+    for path, reason in res.failures:
+        print(f"  skipped {path}: {reason}")
+    return EXIT_SOME_FAILED if res.failures else EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.classifier_jobs import evaluate_classifier_job
+    from pipeline.report import metrics_table
+
+    records = _records_from_args(args)
+    metrics = evaluate_classifier_job(args.model, records, args.out, splits=args.splits, split=args.split,
+                                      n_boot=args.bootstrap, progress=_progress("evaluating"))
+    print(metrics_table(metrics))
+    for source, m in metrics.get("per_source", {}).items():
+        print(f"source {source}: accuracy {m['accuracy']['value']:.3f} (n = {m['n']})")
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return EXIT_SOME_FAILED if metrics["failures"] else EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from data import spec
+    from ensemble.classifier import load_classifier
+    from pipeline.classifier_jobs import classify_files
+
+    classifier = load_classifier(args.model)
+    table = classify_files(classifier, args.files)
+    print("file\tlabel\t" + "\t".join(f"p_{c}" for c in spec.CLASS_NAMES))
+    for i, p in zip(table.indices, table.probs):
+        print(f"{args.files[i]}\t{spec.CLASS_NAMES[int(p.argmax())]}\t" + "\t".join(f"{v:.4f}" for v in p))
+    for path, reason in table.failures:
+        print(f"cxr: {path}: {reason}", file=sys.stderr)
+    return EXIT_SOME_FAILED if table.failures else EXIT_OK
+
+
 def _existing_dir(value: str) -> str:
     if not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such folder")
@@ -134,7 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--test", type=_fraction, default=0.15)
     split.add_argument("--seed", type=int, default=0)
     split.set_defaults(func=_cmd_data_split)
+
+    train = sub.add_parser("train-classifier", help="train the stage-1 ensemble classifier")
+    _data_args(train)
+    train.add_argument("--splits", type=_existing_file, help="splits CSV (default: a patient-level split is made and saved)")
+    train.add_argument("--out", required=True, help="model directory to create")
+    train.add_argument("--config", type=_existing_file, help="TOML with ClassifierSettings keys (flags override it)")
+    train.add_argument("--members", help="comma-separated subset of densenet121,efficientnetb0,vgg19")
+    train.add_argument("--variant", choices=("softvote", "concat"))
+    train.add_argument("--image-size", type=_positive_int)
+    train.add_argument("--epochs", type=_positive_int)
+    train.add_argument("--batch-size", type=_positive_int)
+    train.add_argument("--weights", help="imagenet | none | a .h5 file | a folder of Keras *_notop.h5 files")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--allow-leaks", action="store_true", help="train even if a patient or duplicate spans splits")
+    train.set_defaults(func=_cmd_train_classifier)
+
+    ev = sub.add_parser("evaluate", help="metrics, per-source table and plots for a trained classifier")
+    ev.add_argument("--model", required=True, type=_existing_dir)
+    _data_args(ev)
+    ev.add_argument("--splits", type=_existing_file)
+    ev.add_argument("--split", choices=("train", "val", "test"), default="test")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="label and probabilities per file")
+    pr.add_argument("--model", required=True, type=_existing_dir)
+    pr.add_argument("files", nargs="+")
+    pr.set_defaults(func=_cmd_predict)
     return parser
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=_existing_dir, help="folder with normal/ pneumonia/ covid/ (or the --manifest root)")
+    p.add_argument("--manifest", type=_existing_file, help="CSV with file,label[,patient_id][,source]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,11 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # No command, or a group without its subcommand: show that level's help.
         getattr(args, "help_parser", parser).print_help(sys.stderr)
         return EXIT_USAGE
+    from data.bundle import BundleError
     from data.datasets import DatasetError
+    from pipeline.config import ConfigError
 
+    user_errors: tuple[type[Exception], ...] = (UsageError, DatasetError, BundleError, ConfigError)
+    if args.command in ("train-classifier",):
+        from ensemble.members import WeightsError
+
+        user_errors += (WeightsError,)
     try:
         return func(args)
-    except (UsageError, DatasetError) as err:
+    except user_errors as err:
         print(f"cxr: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -17,6 +17,11 @@ def xray_like(h: int = 96, w: int = 80, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     img = 200 - 40 * np.exp(-(((xx - w * 0.3) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2))
     img -= 40 * np.exp(-(((xx - w * 0.7) / (w * 0.15)) ** 2 + ((yy - h / 2) / (h * 0.3)) ** 2))
+    # Seed-dependent large structures, so different seeds are not near-duplicates.
+    for _ in range(4):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(h / 8, h / 3), rng.uniform(w / 8, w / 3)
+        img += rng.uniform(-60, 60) * np.exp(-(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2))
     img += rng.normal(0, 5, size=(h, w))
     return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -8,7 +8,7 @@ import pytest
 
 from data import spec
 from ensemble.ensemble import build_ensemble, head_weights, parse_members
-from ensemble.members import MEMBERS, ChannelAffine, build_member, freeze_early_layers, resolve_weights
+from ensemble.members import MEMBERS, ChannelAffine, WeightsError, build_member, freeze_early_layers, resolve_weights
 
 
 @pytest.mark.parametrize("name", list(MEMBERS))
@@ -55,7 +55,7 @@ def test_bad_ensemble_arguments(kwargs, message):
 def test_resolve_weights(tmp_path):
     assert resolve_weights("vgg19", None) is None and resolve_weights("vgg19", "none") is None
     assert resolve_weights("vgg19", "imagenet") == "imagenet"
-    with pytest.raises(FileNotFoundError, match="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+    with pytest.raises(WeightsError, match="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"):
         resolve_weights("vgg19", tmp_path)
     (tmp_path / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
     assert resolve_weights("vgg19", tmp_path).endswith("_notop.h5")

@@ -1,0 +1,96 @@
+"""Stream image files as preprocessed batches for inference, decoding ahead in threads.
+
+Unlike the tf.data training pipeline, each batch keeps track of which file each row
+came from and how it was resized, so outputs map back to files and original pixels.
+At most ``prefetch`` batches are decoded ahead: memory stays flat however many files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from data import spec
+from data.datasets import FailureLog
+from data.io import ImageReadError, read_image
+from data.preprocess import Geometry, preprocess_image, to_rgb_float
+
+
+@dataclass
+class Batch:
+    """Up to ``batch_size`` decoded images, in input order (failed files left out)."""
+
+    indices: list[int]  # positions in the input sequence
+    paths: list[Path]
+    x: np.ndarray  # (N, size, size, 3) float32 in [0, 255]
+    geometries: list[Geometry]
+    originals: list[np.ndarray] | None  # float32 (H, W, 3) in [0, 255] at the file's size, if kept
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    geometry: Geometry
+    original: np.ndarray | None
+
+
+def _load(path: Path, size: int, mode: str, clahe: bool, keep_original: bool, max_pixels: int) -> _Item:
+    image = read_image(path, max_pixels=max_pixels)
+    x, geo = preprocess_image(image, size=size, mode=mode, clahe=clahe)
+    return _Item(x, geo, to_rgb_float(image) if keep_original else None)
+
+
+def stream_images(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    size: int,
+    batch_size: int = 8,
+    mode: str = "stretch",
+    clahe: bool = False,
+    failures: FailureLog | None = None,
+    keep_original: bool = False,
+    workers: int = 2,
+    prefetch: int = 2,
+    max_pixels: int = spec.DEFAULT_MAX_PIXELS,
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects over ``paths`` in order; unreadable files go to ``failures``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    failures = failures if failures is not None else FailureLog()
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        next_index = 0
+        ahead = batch_size * (prefetch + 1)
+
+        def fill() -> None:
+            nonlocal next_index
+            while next_index < len(paths) and len(pending) < ahead:
+                i = next_index
+                pending.append((i, pool.submit(_load, paths[i], size, mode, clahe, keep_original, max_pixels)))
+                next_index += 1
+
+        fill()
+        rows: list[tuple[int, _Item]] = []
+        while pending:
+            i, fut = pending.popleft()
+            try:
+                rows.append((i, fut.result()))
+            except ImageReadError as err:
+                failures.add(err.path, err.reason)
+            fill()
+            if len(rows) == batch_size or (not pending and rows):
+                yield Batch(
+                    indices=[i for i, _ in rows],
+                    paths=[paths[i] for i, _ in rows],
+                    x=np.stack([item.x for _, item in rows]),
+                    geometries=[item.geometry for _, item in rows],
+                    originals=[item.original for _, item in rows] if keep_original else None,
+                )
+                rows = []

@@ -1,0 +1,222 @@
+"""Stage-1 jobs: train, evaluate and predict with the ensemble classifier.
+
+Every job checks its inputs (folders, model directory and sidecar, output location)
+before reading images or building models.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data import spec
+from data.bundle import git_revision, package_versions
+from data.datasets import DatasetError, FailureLog, Record
+from data.splits import (
+    SPLIT_NAMES,
+    assign_splits,
+    find_leaks,
+    group_records,
+    hash_records,
+    read_splits,
+    select_split,
+    write_splits,
+)
+from data.stream import stream_images
+from pipeline.config import build_settings, read_toml, settings_to_toml
+from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc, write_json
+
+
+def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = "model.json") -> Path:
+    """Create ``out`` unless it already holds a finished result (never overwritten)."""
+    out = Path(out)
+    if (out / marker).exists():
+        raise DatasetError(f"{out}: already holds a result ({marker}); choose another --out or remove it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise DatasetError(f"{out}: output folder is not writable")
+    return out
+
+
+def resolve_splits(records: Sequence[Record], splits: str | os.PathLike[str] | None, out: Path, *,
+                   seed: int, allow_leaks: bool, progress=None) -> dict[str, str]:
+    """Read ``splits`` (or make a patient-level split), check for leaks, save a copy in ``out``."""
+    failures = FailureLog()
+    hashes = hash_records(records, failures, progress=progress)
+    usable = [r for r in records if r.key in hashes]
+    if splits is not None:
+        assignment = read_splits(splits)
+        unknown = [r.key for r in usable if r.key not in assignment]
+        if len(unknown) == len(usable):
+            raise DatasetError(f"{splits}: names none of the images (e.g. {usable[0].key}); was it made for this folder?")
+    else:
+        assignment = assign_splits(usable, group_records(usable, hashes), seed=seed)
+    leaks = find_leaks(usable, assignment, hashes)
+    if leaks and not allow_leaks:
+        shown = "; ".join(leak.describe() for leak in leaks[:5])
+        raise DatasetError(
+            f"{len(leaks)} leak(s) across splits: {shown}. Fix the splits (cxr data split) or pass --allow-leaks"
+        )
+    write_splits(out / "splits.csv", usable, assignment, group_records(usable, hashes))
+    return assignment
+
+
+def run_metadata(settings: dict[str, Any], *, seed: int) -> dict[str, Any]:
+    """What a run directory records besides its results."""
+    return {"config": settings, "seed": seed, "git_revision": git_revision(), "package_versions": package_versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+@dataclass
+class TrainJobResult:
+    out: Path
+    history: dict[str, list[float]]
+    temperature: float
+    split_counts: dict[str, int]
+    failures: list[tuple[str, str]]
+    seconds: float
+
+
+def train_classifier_job(
+    records: Sequence[Record],
+    out: str | os.PathLike[str],
+    *,
+    config: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    splits: str | os.PathLike[str] | None = None,
+    allow_leaks: bool = False,
+    progress=None,
+    verbose: int | None = None,
+):
+    """Train a classifier on the train split of ``records`` and validate on its val split."""
+    from ensemble.train import ClassifierSettings, train_classifier
+
+    values = read_toml(config) if config is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = build_settings(ClassifierSettings, values, source=str(config or "arguments"))
+    from ensemble.members import resolve_weights
+
+    for m in settings.members:  # local weight files are checked before any image is read
+        resolve_weights(m, settings.weights)
+    out = prepare_output_dir(out)
+    t0 = time.perf_counter()
+    assignment = resolve_splits(records, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
+    train = select_split(records, assignment, "train")
+    val = select_split(records, assignment, "val")
+    if not train or not val:
+        raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images; need both")
+    (out / "config.toml").write_text(settings_to_toml(settings.to_dict()))
+    write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
+    result = train_classifier(settings, train, val, out, verbose=verbose)
+    plot_history(result.history, out / "training_curves.png")
+    _write_failures(out / "failures.csv", result.failures)
+    counts = {s: sum(1 for v in assignment.values() if v == s) for s in SPLIT_NAMES}
+    return TrainJobResult(out, result.history, result.temperature, counts, result.failures, time.perf_counter() - t0)
+
+
+@dataclass
+class PredictionTable:
+    """Per-image outputs of a classifier over a list of files (rows in input order)."""
+
+    indices: list[int]
+    probs: np.ndarray  # (N, C) calibrated
+    raw_probs: np.ndarray  # (N, C)
+    member_probs: dict[str, np.ndarray]
+    failures: list[tuple[str, str]]
+
+
+def classify_files(classifier, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 8,
+                   progress=None) -> PredictionTable:
+    """Run ``classifier`` over ``paths`` in batches; unreadable files are listed, not fatal."""
+    failures = FailureLog()
+    idx, probs, raw = [], [], []
+    members: dict[str, list[np.ndarray]] = {}
+    batches = stream_images(paths, size=classifier.image_size, batch_size=batch_size,
+                            mode=classifier.resize_mode, clahe=classifier.clahe, failures=failures)
+    for batch in (progress(batches) if progress else batches):
+        pred = classifier.predict(batch.x)
+        idx.extend(batch.indices)
+        probs.append(pred.probs)
+        raw.append(pred.raw_probs)
+        for m, p in pred.member_probs.items():
+            members.setdefault(m, []).append(p)
+    empty = np.zeros((0, spec.NUM_CLASSES), np.float32)
+    return PredictionTable(
+        idx,
+        np.concatenate(probs) if probs else empty,
+        np.concatenate(raw) if raw else empty,
+        {m: np.concatenate(v) for m, v in members.items()},
+        list(failures.items),
+    )
+
+
+def evaluate_classifier_job(
+    model_dir: str | os.PathLike[str],
+    records: Sequence[Record],
+    out: str | os.PathLike[str],
+    *,
+    splits: str | os.PathLike[str] | None = None,
+    split: str = "test",
+    n_boot: int = 1000,
+    batch_size: int = 8,
+    progress=None,
+) -> dict[str, Any]:
+    """metrics.json (+ per source, per member), predictions.csv, failures.csv and plots in ``out``."""
+    from ensemble.classifier import load_classifier
+    from ensemble.evaluate import classification_metrics, metrics_by_group, reliability, roc_curves
+
+    classifier = load_classifier(model_dir)
+    out = prepare_output_dir(out, marker="metrics.json")
+    if splits is not None:
+        records = select_split(records, read_splits(splits), split)
+        if not records:
+            raise DatasetError(f"{splits}: no images of this folder are in split {split!r}")
+    if any(r.label is None for r in records):
+        raise DatasetError("evaluation needs a label for every image (class folders or a manifest label column)")
+    table = classify_files(classifier, [r.path for r in records], batch_size=batch_size, progress=progress)
+    if not table.indices:
+        raise DatasetError("no image could be read; see failures.csv")
+    kept = [records[i] for i in table.indices]
+    labels = np.array([spec.class_index(r.label) for r in kept])
+    metrics = classification_metrics(labels, table.probs, uncalibrated=table.raw_probs, n_boot=n_boot)
+    metrics["model"] = {"path": str(model_dir), "sha256": classifier.checkpoint_sha256,
+                        "members": list(classifier.members), "variant": classifier.variant,
+                        "temperature": classifier.temperature}
+    sources = [r.source for r in kept]
+    if any(sources):
+        metrics["per_source"] = metrics_by_group(labels, table.probs, sources, n_boot=n_boot)
+    if len(classifier.members) > 1 and table.member_probs:
+        metrics["per_member"] = {m: classification_metrics(labels, p, n_boot=n_boot) for m, p in table.member_probs.items()}
+    metrics["failures"] = len(table.failures)
+    write_json(out / "metrics.json", metrics)
+    _write_predictions(out / "predictions.csv", kept, table)
+    _write_failures(out / "failures.csv", table.failures)
+    plot_confusion(metrics["confusion_matrix"]["counts"], spec.CLASS_NAMES, out / "confusion_matrix.png")
+    plot_roc(roc_curves(labels, table.probs), {n: e["auc"]["value"] for n, e in metrics["per_class"].items()}, out / "roc.png")
+    plot_reliability(reliability(labels, table.probs), out / "reliability.png",
+                     title=f"after temperature {classifier.temperature:.2f}: ECE {metrics['ece']['value']:.3f}")
+    return metrics
+
+
+def _write_predictions(path: Path, records: Sequence[Record], table: PredictionTable) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        w = csv.writer(handle)
+        w.writerow(["file", "label", "source", "predicted", *[f"p_{c}" for c in spec.CLASS_NAMES]])
+        for r, p in zip(records, table.probs):
+            w.writerow([r.key, r.label, r.source, spec.CLASS_NAMES[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+
+
+def _write_failures(path: Path, failures: Sequence[tuple[str, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        w = csv.writer(handle)
+        w.writerow(["file", "reason"])
+        w.writerows(failures)

@@ -1,0 +1,117 @@
+"""Plots and tables written by the jobs (matplotlib's object API: no global backend state)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_history(history: dict[str, list[float]], path: Path) -> Path:
+    """Accuracy and loss per epoch, train vs validation, one panel each."""
+    fig = Figure(figsize=(10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("accuracy", "loss")):
+        for key, values in sorted(history.items()):
+            if key.endswith(metric) and key != "learning_rate":
+                style = "--" if key.startswith("val_") else "-"
+                ax.plot(range(1, len(values) + 1), values, style, label=key, marker="o", markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> Path:
+    """Confusion matrix: row-normalised colour, counts as text."""
+    cm = np.asarray(counts, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j]:.0%}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return _save(fig, path)
+
+
+def plot_roc(curves: dict[str, dict[str, list[float]]], aucs: dict[str, float | None], path: Path) -> Path:
+    """One-vs-rest ROC curve per class with its AUC in the legend."""
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    for name, c in curves.items():
+        auc = aucs.get(name)
+        ax.plot(c["fpr"], c["tpr"], label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("sensitivity")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability(bins: dict[str, list[float]], path: Path, *, title: str = "") -> Path:
+    """Reliability diagram: accuracy vs confidence per bin, with the diagonal."""
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    centers = [(lo + hi) / 2 for lo, hi in zip(bins["lower"], bins["upper"])]
+    acc = [a if not math.isnan(a) else 0.0 for a in bins["accuracy"]]
+    ax.bar(centers, acc, width=bins["upper"][0] - bins["lower"][0], edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Pretty JSON, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A short Markdown table of the headline classification metrics."""
+
+    def fmt(entry: dict[str, Any] | None) -> str:
+        if not entry or entry.get("value") is None:
+            return "n/a"
+        ci = entry.get("ci95")
+        return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    lines = [f"accuracy: {fmt(metrics['accuracy'])}  (n = {metrics['n']})", "",
+             "| class | sensitivity | specificity | PPV | F1 | AUC |", "|---|---|---|---|---|---|"]
+    for name, e in metrics["per_class"].items():
+        lines.append(f"| {name} | {fmt(e['sensitivity'])} | {fmt(e['specificity'])} | {fmt(e['ppv'])} | {fmt(e['f1'])} | {fmt(e['auc'])} |")
+    return "\n".join(lines)
