@@ -89,10 +89,15 @@ def build_ensemble(
     validate_input_shape(input_shape, max(member_spec(m).min_size for m in names))
     inputs = keras.Input(shape=input_shape, name="image")
     outputs: dict[str, object] = {}
-    feats = {m: member_features(m, inputs, weights=weights, freeze_fraction=freeze_fraction) for m in names}
-    for m, f in feats.items():
-        # An Identity layer names the output, so exported graphs keep a stable name.
-        outputs[f"{m}_features"] = layers.Identity(name=f"{m}_features")(f)
+    # A named Identity layer carries each member's conv maps to its head and to the outputs:
+    # exported graphs keep a stable name, and Grad-CAM can split the graph at that layer.
+    feats = {
+        m: layers.Identity(name=f"{m}_features")(
+            member_features(m, inputs, weights=weights, freeze_fraction=freeze_fraction)
+        )
+        for m in names
+    }
+    outputs.update({f"{m}_features": f for m, f in feats.items()})
     if variant == "softvote":
         member_probs = []
         for m in names:
