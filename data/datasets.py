@@ -106,6 +106,14 @@ def scan_class_folders(root: str | os.PathLike[str]) -> list[Record]:
     return records
 
 
+def open_csv(path: Path, what: str, hint: str = ""):
+    """Open a CSV for reading; DatasetError naming the file (and ``hint``, the fix) if it cannot be."""
+    try:
+        return path.open(newline="", encoding="utf-8")
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot open {what} ({err.strerror or err}){hint}") from None
+
+
 _MANIFEST_REQUIRED = ("file",)
 _MANIFEST_OPTIONAL = ("label", "patient_id", "source", "group_id")
 
@@ -118,11 +126,7 @@ def read_manifest(csv_path: str | os.PathLike[str], *, root: str | os.PathLike[s
     """
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent
-    try:
-        handle = csv_path.open(newline="", encoding="utf-8")
-    except OSError as err:
-        raise DatasetError(f"{csv_path}: cannot open manifest ({err.strerror or err})") from None
-    with handle:
+    with open_csv(csv_path, "manifest") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         missing = [c for c in _MANIFEST_REQUIRED if c not in columns]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data import spec
-from data.datasets import DatasetError, FailureLog, Record
+from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.io import ImageReadError, read_image
 from data.preprocess import to_rgb_float
 
@@ -174,11 +174,7 @@ def write_splits(path: str | os.PathLike[str], records: Sequence[Record], splits
 def read_splits(path: str | os.PathLike[str]) -> dict[str, str]:
     """Split name by file key from a splits CSV written by :func:`write_splits`."""
     path = Path(path)
-    try:
-        handle = path.open(newline="", encoding="utf-8")
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot open splits file ({err.strerror or err}); make one with `cxr data split`") from None
-    with handle:
+    with open_csv(path, "splits file", "; make one with `cxr data split`") as handle:
         reader = csv.DictReader(handle)
         if not {"file", "split"} <= set(reader.fieldnames or []):
             raise DatasetError(f"{path}: a splits file needs columns file and split (see `cxr data split`)")

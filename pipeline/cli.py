@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -239,6 +240,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cxr` console script; returns the exit code."""
+    # TensorFlow's C++ start-up lines (oneDNN, CPU features) drown the command's own output;
+    # a user who wants them sets TF_CPP_MIN_LOG_LEVEL themselves.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
