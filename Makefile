@@ -11,6 +11,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# Reference Label Studio brush codec for tests only; its own deps (nltk, ...) are not needed by brush.py.
+	$(BIN)/python -m pip install --quiet --no-deps "label-studio-converter==0.0.59"
 	touch $(STAMP)
 
 install: $(STAMP)

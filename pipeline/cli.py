@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -138,6 +137,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if table.failures else EXIT_OK
 
 
+def _cmd_gradcam(args: argparse.Namespace) -> int:
+    from pipeline.gradcam_jobs import gradcam_job
+
+    res = gradcam_job(
+        args.dir, args.model, args.out, members=args.members.split(",") if args.members else None,
+        target=args.target, threshold=args.threshold, method=args.method, lung_masks=args.lung_masks,
+        lesion_masks=args.lesion_masks, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+        image_prefix=args.image_prefix, batch_size=args.batch_size, progress=_progress("grad-cam"),
+    )
+    print(f"{res.n_images} images, {res.n_drafts} draft masks → {res.out} (manifest.csv)")
+    for label, members in res.audit.get("per_class_member", {}).items():
+        for member, e in members.items():
+            parts = [f"{k} {v['mean']:.3f} (n {v['n']})" for k, v in e.items() if isinstance(v, dict)]
+            print(f"  audit {label:<9} {member:<14} " + ", ".join(parts))
+    for path, reason in res.failures:
+        print(f"  failed {path}: {reason}")
+    return EXIT_SOME_FAILED if res.failures else EXIT_OK
+
+
+def _cmd_import_masks(args: argparse.Namespace) -> int:
+    from gradcam.imports import import_masks
+
+    res = import_masks(args.export, args.format, args.images, args.out, kind=args.kind)
+    print(f"wrote {len(res.written)} mask(s) to {Path(args.out) / args.kind}")
+    for ref, problem in res.problems:
+        print(f"  {ref}: {problem}")
+    return EXIT_SOME_FAILED if res.problems else EXIT_OK
+
+
 def _existing_dir(value: str) -> str:
     if not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such folder")
@@ -230,6 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, type=_existing_dir)
     pr.add_argument("files", nargs="+")
     pr.set_defaults(func=_cmd_predict)
+
+    gc = sub.add_parser("gradcam", help="heatmaps, overlays and draft masks for annotators (CVAT, Label Studio, SageMaker)")
+    gc.add_argument("dir", type=_existing_dir, help="folder of images (searched recursively)")
+    gc.add_argument("--model", required=True, type=_existing_dir)
+    gc.add_argument("--out", required=True)
+    gc.add_argument("--members", help="subset of the model's members to fuse and export (default: all)")
+    gc.add_argument("--target", default="predicted", help="predicted | normal | pneumonia | covid")
+    gc.add_argument("--threshold", type=float, default=0.5, help="heatmap level of the draft mask (0, 1]")
+    gc.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++"))
+    gc.add_argument("--lung-masks", type=_existing_dir, help="same-named lung masks: drafts stay inside, audit reports mass in lung")
+    gc.add_argument("--lesion-masks", type=_existing_dir, help="same-named lesion masks for the pointing game and draft IoU")
+    gc.add_argument("--formats", default="cvat,labelstudio,sagemaker")
+    gc.add_argument("--image-prefix", default="", help="prefix for image references (e.g. s3://bucket/xrays/ or /data/local-files/?d=xrays/)")
+    gc.add_argument("--batch-size", type=_positive_int, default=8)
+    gc.set_defaults(func=_cmd_gradcam)
+
+    im = sub.add_parser("import-masks", help="annotators' edited masks back as binary PNGs for the segmenter")
+    im.add_argument("export", type=_existing_file, help="COCO JSON (cvat), Label Studio JSON export, or GT output manifest")
+    im.add_argument("--format", required=True, choices=("cvat", "labelstudio", "sagemaker"))
+    im.add_argument("--images", required=True, type=_existing_dir)
+    im.add_argument("--out", required=True, help="mask folder; masks go to OUT/<kind>/<image stem>.png")
+    im.add_argument("--kind", default="lesion")
+    im.set_defaults(func=_cmd_import_masks)
     return parser
 
 
@@ -240,9 +291,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cxr` console script; returns the exit code."""
-    # TensorFlow's C++ start-up lines (oneDNN, CPU features) drown the command's own output;
-    # a user who wants them sets TF_CPP_MIN_LOG_LEVEL themselves.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
@@ -255,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.config import ConfigError
 
     user_errors: tuple[type[Exception], ...] = (UsageError, DatasetError, BundleError, ConfigError)
+    if args.command == "import-masks":
+        from gradcam.imports import AnnotationError
+
+        user_errors += (AnnotationError,)
     if args.command in ("train-classifier",):
         from ensemble.members import WeightsError
 

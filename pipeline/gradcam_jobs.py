@@ -1,0 +1,207 @@
+"""`cxr gradcam` and `cxr import-masks`: heatmaps and draft masks for annotators, and back.
+
+Predictions and every member's heatmap come from one batched forward pass (closed-form
+Grad-CAM over the conv maps the classifier already returns, see gradcam.cam).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from data import spec
+from data.datasets import DatasetError, FailureLog, walk_images
+from data.io import ImageReadError, read_mask
+from data.stream import stream_images
+from gradcam.cam import METHODS, member_heatmaps
+from gradcam.export import Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
+from gradcam.masks import colorize, draft_mask, iou, mass_inside, overlay, pointing_hit
+from pipeline.report import write_json
+
+EXPORT_FORMATS = ("cvat", "labelstudio", "sagemaker")
+
+
+@dataclass
+class GradcamResult:
+    out: Path
+    n_images: int
+    n_drafts: int
+    failures: list[tuple[str, str]]
+    audit: dict[str, Any] = field(default_factory=dict)
+
+
+def _png(path: Path, rgb: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), rgb[..., ::-1] if rgb.ndim == 3 else rgb):
+        raise OSError(f"{path}: could not write PNG")
+    return path
+
+
+def _mask_index(folder: Path | None) -> dict[str, Path]:
+    if folder is None:
+        return {}
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: no such mask folder")
+    return {p.stem: p for p in walk_images(folder)}
+
+
+def gradcam_job(
+    image_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    members: Sequence[str] | None = None,
+    target: str = "predicted",
+    threshold: float = 0.5,
+    method: str = "gradcam",
+    lung_masks: str | os.PathLike[str] | None = None,
+    lesion_masks: str | os.PathLike[str] | None = None,
+    formats: Sequence[str] = EXPORT_FORMATS,
+    image_prefix: str = "",
+    batch_size: int = 8,
+    progress=None,
+) -> GradcamResult:
+    """Write per-image heatmap, overlay, raw maps and draft mask, plus the folder-level exports."""
+    from ensemble.classifier import load_classifier
+
+    image_dir, out = Path(image_dir), Path(out)
+    if target != "predicted" and target not in spec.CLASS_NAMES:
+        raise DatasetError(f"--target {target!r}: use 'predicted' or one of {', '.join(spec.CLASS_NAMES)}")
+    if not 0.0 < threshold <= 1.0:
+        raise DatasetError(f"--threshold {threshold} must be in (0, 1]")
+    if method not in METHODS:
+        raise DatasetError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    unknown_formats = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown_formats:
+        raise DatasetError(f"unknown format(s) {', '.join(unknown_formats)}; valid: {', '.join(EXPORT_FORMATS)}")
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: no such image folder")
+    paths = list(walk_images(image_dir))
+    if not paths:
+        raise DatasetError(f"{image_dir}: no images (PNG, JPEG, BMP, TIFF, DICOM) found")
+    lungs, lesions = _mask_index(Path(lung_masks) if lung_masks else None), _mask_index(Path(lesion_masks) if lesion_masks else None)
+    clf = load_classifier(model_dir)
+    chosen = tuple(members) if members else clf.members
+    bad = [m for m in chosen if m not in clf.members]
+    if bad:
+        raise DatasetError(f"member(s) {', '.join(bad)} not in this model; it has {', '.join(clf.members)}")
+    weights = [w for m, w in zip(clf.members, clf.member_weights) if m in chosen]
+    heads = clf.head_weights()
+    out.mkdir(parents=True, exist_ok=True)
+
+    failures = FailureLog()
+    drafts: list[Draft] = []
+    rows: list[list[Any]] = []
+    audit_rows: list[dict[str, Any]] = []
+    batches = stream_images(paths, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
+                            clahe=clf.clahe, failures=failures, keep_original=True)
+    for batch in (progress(batches) if progress else batches):
+        pred = clf.predict(batch.x)
+        cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x), spec.class_index(target))
+        maps, fused = member_heatmaps({m: pred.features[m] for m in chosen}, heads, cls,
+                                      member_weights=weights, size=clf.image_size, method=method)
+        for j, (path, geo, original) in enumerate(zip(batch.paths, batch.geometries, batch.originals)):
+            rel = path.relative_to(image_dir)
+            name = rel.as_posix()
+            label = spec.CLASS_NAMES[int(cls[j])]
+            score = float(pred.probs[j, cls[j]])
+            per_image = {"ensemble": np.clip(geo.to_original(fused[j]), 0.0, 1.0)}
+            per_image.update({m: np.clip(geo.to_original(maps[m][j]), 0.0, 1.0) for m in chosen})
+            lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
+            lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
+            stem = rel.with_suffix("")
+            map_path = out / "maps" / f"{stem}.npz"
+            map_path.parent.mkdir(parents=True, exist_ok=True)
+            files = {
+                "heatmap": _png(out / "heatmaps" / f"{stem}.png", colorize(per_image["ensemble"])),
+                "map": save_maps(map_path, per_image),
+                "overlay:ensemble": _png(out / "overlays" / f"{stem}.png", overlay(original, per_image["ensemble"])),
+            }
+            for m in chosen:
+                files[f"overlay:{m}"] = _png(out / "overlays" / f"{stem}__{m}.png", overlay(original, per_image[m]))
+            mask = None
+            if label in spec.SEGMENT_CLASSES:
+                mask = draft_mask(per_image["ensemble"], threshold, lung)
+                files["mask"] = _png(out / "masks" / f"{stem}.png", mask.astype(np.uint8) * 255)
+            drafts.append(Draft(name, original.shape[1], original.shape[0], label, score, mask))
+            predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
+            files = {k: v.relative_to(out).as_posix() for k, v in files.items()}  # manifest paths relative to OUT
+            for m in ("ensemble", *chosen):
+                rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
+                             files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "", files["map"],
+                             files.get("mask", "")])
+                audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion, mask if m == "ensemble" else None))
+    _write_manifest(out / "manifest.csv", rows)
+    with (out / "failures.csv").open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["file", "reason"], *failures.items])
+    categories = list(spec.SEGMENT_CLASSES) if target == "predicted" else [target]
+    drafts = [d for d in drafts if d.mask is None or d.label in categories]
+    if "cvat" in formats:
+        write_coco(drafts, out / "coco_instances.json", categories)
+    if "labelstudio" in formats:
+        write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
+                          image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
+    if "sagemaker" in formats:
+        write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
+                        source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
+    audit = summarise_audit(audit_rows) if (lungs or lesions) else {}
+    if audit:
+        write_json(out / "audit.json", audit)
+    n_drafts = sum(1 for d in drafts if d.mask is not None)
+    return GradcamResult(out, len(drafts), n_drafts, list(failures.items), audit)
+
+
+def _optional_mask(path: Path | None, shape: tuple[int, int], failures: FailureLog) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        mask = read_mask(path)
+    except ImageReadError as err:
+        failures.add(err.path, f"mask: {err.reason}")
+        return None
+    if mask.shape != shape:
+        failures.add(str(path), f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {shape[1]}x{shape[0]}")
+        return None
+    return mask
+
+
+def _write_manifest(path: Path, rows: list[list[Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        w = csv.writer(handle)
+        w.writerow(["image", "class", "predicted", "score", "member", "checkpoint_sha256", "threshold", "method",
+                    "overlay", "heatmap", "map", "mask"])
+        w.writerows(rows)
+
+
+def _audit_row(name, label, member, heatmap, lung, lesion, mask) -> dict[str, Any]:
+    row: dict[str, Any] = {"image": name, "class": label, "member": member}
+    if lung is not None:
+        row["lung_mass"] = mass_inside(heatmap, lung)
+    if lesion is not None:
+        row["pointing_hit"] = pointing_hit(heatmap, lesion)
+        if mask is not None:
+            row["draft_iou"] = iou(mask, lesion)
+    return row
+
+
+def summarise_audit(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean lung-mass share, pointing-game hit rate and draft IoU per (class, member)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["class"], r["member"])].append(r)
+    summary: dict[str, Any] = {}
+    for (label, member), rs in sorted(groups.items()):
+        entry: dict[str, Any] = {"n": len(rs)}
+        for key in ("lung_mass", "pointing_hit", "draft_iou"):
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            if vals:
+                entry[key] = {"mean": float(np.mean(vals)), "n": len(vals)}
+        summary.setdefault(label, {})[member] = entry
+    return {"per_class_member": summary, "per_image": rows}
