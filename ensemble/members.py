@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 from data import spec
+from data.normalization import caffe_normalization, torch_normalization
 
 #: Weight sources accepted by :func:`build_member`.
 WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *_notop.h5 files")
@@ -24,44 +25,6 @@ WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *
 
 class WeightsError(RuntimeError):
     """Initial weights that cannot be found or loaded; the message says what to do."""
-
-
-@keras.saving.register_keras_serializable(package="cxr")
-class ChannelAffine(layers.Layer):
-    """``y = x[..., order] * scale + offset`` per channel: in-graph ImageNet normalisation.
-
-    A plain elementwise layer (no variables), so it exports to ONNX as constants.
-    """
-
-    def __init__(self, scale, offset, reverse_channels: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.scale = [float(s) for s in scale]
-        self.offset = [float(o) for o in offset]
-        self.reverse_channels = bool(reverse_channels)
-
-    def call(self, inputs):
-        x = ops.flip(inputs, axis=-1) if self.reverse_channels else inputs
-        scale = ops.convert_to_tensor(self.scale, dtype=x.dtype)
-        offset = ops.convert_to_tensor(self.offset, dtype=x.dtype)
-        return x * scale + offset
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "offset": self.offset,
-                "reverse_channels": self.reverse_channels}
-
-
-def _torch_mode(name: str) -> layers.Layer:
-    # keras.applications.densenet.preprocess_input(mode="torch"): x/255, minus mean, over std.
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return ChannelAffine([1 / (255 * s) for s in std], [-m / s for m, s in zip(mean, std)], name=name)
-
-
-def _caffe_mode(name: str) -> layers.Layer:
-    # keras.applications.vgg19.preprocess_input(mode="caffe"): RGB→BGR, minus ImageNet BGR mean.
-    return ChannelAffine([1.0, 1.0, 1.0], [-103.939, -116.779, -123.68], reverse_channels=True, name=name)
 
 
 def _identity(name: str) -> layers.Layer:
@@ -82,14 +45,14 @@ class MemberSpec:
 
 MEMBERS: dict[str, MemberSpec] = {
     "densenet121": MemberSpec(
-        keras.applications.DenseNet121, _torch_mode,
+        keras.applications.DenseNet121, torch_normalization,
         "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "relu", 64,
     ),
     "efficientnetb0": MemberSpec(
         keras.applications.EfficientNetB0, _identity, "efficientnetb0_notop.h5", "top_activation", 64,
     ),
     "vgg19": MemberSpec(
-        keras.applications.VGG19, _caffe_mode,
+        keras.applications.VGG19, caffe_normalization,
         "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "block5_conv4", 64,
     ),
 }

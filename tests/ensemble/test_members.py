@@ -8,7 +8,7 @@ import pytest
 
 from data import spec
 from ensemble.ensemble import build_ensemble, head_weights, parse_members
-from ensemble.members import MEMBERS, ChannelAffine, WeightsError, build_member, freeze_early_layers, resolve_weights
+from ensemble.members import MEMBERS, WeightsError, build_member, freeze_early_layers, resolve_weights
 
 
 @pytest.mark.parametrize("name", list(MEMBERS))

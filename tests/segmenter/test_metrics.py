@@ -1,0 +1,74 @@
+"""Segmentation metrics by hand, the empty-mask convention, lesion instances and losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segmenter.losses import bce_dice_loss, dice_loss, focal_tversky_loss, get_loss
+from segmenter.metrics import hausdorff95, lesions, lung_affected_pct, segmentation_scores
+
+
+def test_scores_by_hand():
+    truth = np.zeros((10, 10), bool)
+    pred = np.zeros((10, 10), bool)
+    truth[0:4, 0:5] = True  # 20 px
+    pred[2:6, 0:5] = True  # 20 px, overlap rows 2-3 → 10 px
+    s = segmentation_scores(truth, pred)
+    assert s["dice"] == pytest.approx(2 * 10 / 40)
+    assert s["iou"] == pytest.approx(10 / 30)
+    assert s["precision"] == pytest.approx(10 / 20)
+    assert s["recall"] == pytest.approx(10 / 20)
+
+
+@pytest.mark.parametrize(
+    "truth_on, pred_on, expect",
+    [
+        (False, False, {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}),  # nothing to find, nothing found
+        (True, False, {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}),  # missed lesion
+        (False, True, {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}),  # false alarm
+    ],
+)
+def test_empty_mask_convention(truth_on, pred_on, expect):
+    t = np.zeros((5, 5), bool)
+    p = np.zeros((5, 5), bool)
+    t[1:3, 1:3] = truth_on
+    p[1:3, 1:3] = pred_on
+    assert segmentation_scores(t, p) == expect
+
+
+def test_lesion_instances_on_a_drawn_mask():
+    prob = np.zeros((50, 60), np.float32)
+    prob[5:15, 10:30] = 0.9  # 10 × 20 = 200 px
+    prob[30:40, 40:45] = 0.7  # 10 × 5 = 50 px
+    prob[45:47, 0:2] = 0.99  # 4 px: removed as too small
+    lung = np.zeros((50, 60), bool)
+    lung[:, :] = True  # 3000 px
+    found = lesions(prob, threshold=0.5, min_area=16, lung=lung)
+    assert [(l.box, l.area_px) for l in found] == [((10, 5, 20, 10), 200), ((40, 30, 5, 10), 50)]
+    assert found[0].score == pytest.approx(0.9) and found[1].score == pytest.approx(0.7)
+    assert found[0].lung_pct == pytest.approx(100 * 200 / 3000)
+    assert lung_affected_pct(prob >= 0.5, lung) == pytest.approx(100 * 254 / 3000)
+    assert lung_affected_pct(prob >= 0.5, np.zeros_like(lung)) is None
+
+
+def test_hausdorff95():
+    a = np.zeros((40, 40), bool)
+    b = np.zeros((40, 40), bool)
+    a[10:20, 10:20] = True
+    b[10:20, 13:23] = True  # shifted 3 px
+    assert hausdorff95(a, a) == 0.0
+    assert 2.0 <= hausdorff95(a, b) <= 3.5
+    assert hausdorff95(a, np.zeros_like(a)) is None
+
+
+def test_losses():
+    y = np.zeros((2, 8, 8, 1), np.float32)
+    y[:, 2:6, 2:6] = 1.0
+    assert float(dice_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(np.zeros_like(y), np.zeros_like(y))) == pytest.approx(0.0, abs=1e-6)  # smooth: empty = perfect
+    assert float(dice_loss(y, 1.0 - y)) > 0.9
+    assert float(focal_tversky_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(bce_dice_loss(y, np.clip(y, 0.01, 0.99))) < float(bce_dice_loss(y, np.full_like(y, 0.5)))
+    with pytest.raises(ValueError, match="valid: dice, bce_dice, focal_tversky"):
+        get_loss("jaccard")

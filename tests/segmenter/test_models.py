@@ -1,0 +1,57 @@
+"""Segmenter architectures: golden sizes, shapes, bad sizes, and a training step that lowers the loss."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from segmenter.losses import get_loss
+from segmenter.tiramisu import build_fc_densenet103
+from segmenter.unet import build_unet
+
+
+def test_unet_densenet121_has_segmentation_models_parameter_count():
+    model = build_unet(input_size=64, num_classes=1)
+    # segmentation-models Unet('densenet121', classes=1): encoder 7,037,504 + decoder 5,107,473.
+    assert model.count_params() == 12_144_977
+    assert model.output.shape[1:] == (64, 64, 1)
+
+
+def test_fc_densenet103_matches_the_paper():
+    model = build_fc_densenet103(input_size=64, num_classes=1)
+    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    assert len(convs) == 103  # the "one hundred layers" (Jégou et al. 2017, Table 2)
+    assert 9.3e6 < model.count_params() < 9.5e6  # published: 9.4 M
+    assert model.output.shape[1:] == (64, 64, 1)
+
+
+@pytest.mark.parametrize("builder", [build_unet, build_fc_densenet103])
+@pytest.mark.parametrize("size", [48, 100, 0])
+def test_bad_sizes_are_refused(builder, size):
+    with pytest.raises(ValueError, match="not supported"):
+        builder(input_size=size)
+
+
+def test_multiclass_head_is_softmax():
+    model = build_unet(input_size=64, num_classes=3)
+    out = np.asarray(model.predict_on_batch(np.full((1, 64, 64, 3), 100.0, np.float32)))
+    assert out.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("builder", [build_unet, build_fc_densenet103])
+def test_training_steps_reduce_loss_on_a_fixed_batch(builder):
+    keras.utils.set_random_seed(0)
+    model = builder(input_size=64, num_classes=1)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    y = np.zeros((2, 64, 64, 1), np.float32)
+    y[:, 16:48, 16:48] = 1.0
+    x[:, 16:48, 16:48] += 60.0  # the lesion is visible
+    x = np.clip(x, 0, 255)
+    model.compile(keras.optimizers.Adam(1e-3), loss=get_loss("bce_dice"), run_eagerly=True)
+    first = float(model.train_on_batch(x, y))
+    for _ in range(4):
+        last = float(model.train_on_batch(x, y))
+    assert np.isfinite(first) and last < first
