@@ -155,6 +155,16 @@ def assign_splits(
                 filled[split] += size
             for r in members[gid]:
                 result[r.key] = split
+    # Small sets: a requested split that got nothing takes the smallest training group,
+    # as long as training keeps at least one group.
+    for name, fraction in (("val", val), ("test", test)):
+        if fraction <= 0 or name in result.values():
+            continue
+        train_groups = sorted({groups[k] for k, v in result.items() if v == "train"},
+                              key=lambda g: (len(members[g]), g))
+        if len(train_groups) >= 2:
+            for r in members[train_groups[0]]:
+                result[r.key] = name
     return result
 
 

@@ -16,64 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from data import spec
-from data.bundle import git_revision, package_versions
 from data.datasets import DatasetError, FailureLog, Record
-from data.splits import (
-    SPLIT_NAMES,
-    assign_splits,
-    find_leaks,
-    group_records,
-    hash_records,
-    read_splits,
-    select_split,
-    write_splits,
-)
+from data.splits import SPLIT_NAMES, read_splits, select_split
 from data.stream import stream_images
+from pipeline.common import prepare_output_dir, resolve_splits, run_metadata, write_failures
 from pipeline.config import build_settings, read_toml, settings_to_toml
 from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc, write_json
-
-
-def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = "model.json") -> Path:
-    """Create ``out`` unless it already holds a finished result (never overwritten)."""
-    out = Path(out)
-    if (out / marker).exists():
-        raise DatasetError(f"{out}: already holds a result ({marker}); choose another --out or remove it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err})") from None
-    if not os.access(out, os.W_OK):
-        raise DatasetError(f"{out}: output folder is not writable")
-    return out
-
-
-def resolve_splits(records: Sequence[Record], splits: str | os.PathLike[str] | None, out: Path, *,
-                   seed: int, allow_leaks: bool, progress=None) -> dict[str, str]:
-    """Read ``splits`` (or make a patient-level split), check for leaks, save a copy in ``out``."""
-    failures = FailureLog()
-    hashes = hash_records(records, failures, progress=progress)
-    usable = [r for r in records if r.key in hashes]
-    if splits is not None:
-        assignment = read_splits(splits)
-        unknown = [r.key for r in usable if r.key not in assignment]
-        if len(unknown) == len(usable):
-            raise DatasetError(f"{splits}: names none of the images (e.g. {usable[0].key}); was it made for this folder?")
-    else:
-        assignment = assign_splits(usable, group_records(usable, hashes), seed=seed)
-    leaks = find_leaks(usable, assignment, hashes)
-    if leaks and not allow_leaks:
-        shown = "; ".join(leak.describe() for leak in leaks[:5])
-        raise DatasetError(
-            f"{len(leaks)} leak(s) across splits: {shown}. Fix the splits (cxr data split) or pass --allow-leaks"
-        )
-    write_splits(out / "splits.csv", usable, assignment, group_records(usable, hashes))
-    return assignment
-
-
-def run_metadata(settings: dict[str, Any], *, seed: int) -> dict[str, Any]:
-    """What a run directory records besides its results."""
-    return {"config": settings, "seed": seed, "git_revision": git_revision(), "package_versions": package_versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 @dataclass
@@ -118,7 +66,7 @@ def train_classifier_job(
     write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
     result = train_classifier(settings, train, val, out, verbose=verbose)
     plot_history(result.history, out / "training_curves.png")
-    _write_failures(out / "failures.csv", result.failures)
+    write_failures(out / "failures.csv", result.failures)
     counts = {s: sum(1 for v in assignment.values() if v == s) for s in SPLIT_NAMES}
     return TrainJobResult(out, result.history, result.temperature, counts, result.failures, time.perf_counter() - t0)
 
@@ -199,7 +147,7 @@ def evaluate_classifier_job(
     metrics["failures"] = len(table.failures)
     write_json(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.csv", kept, table)
-    _write_failures(out / "failures.csv", table.failures)
+    write_failures(out / "failures.csv", table.failures)
     plot_confusion(metrics["confusion_matrix"]["counts"], spec.CLASS_NAMES, out / "confusion_matrix.png")
     plot_roc(roc_curves(labels, table.probs), {n: e["auc"]["value"] for n, e in metrics["per_class"].items()}, out / "roc.png")
     plot_reliability(reliability(labels, table.probs), out / "reliability.png",
@@ -213,10 +161,3 @@ def _write_predictions(path: Path, records: Sequence[Record], table: PredictionT
         w.writerow(["file", "label", "source", "predicted", *[f"p_{c}" for c in spec.CLASS_NAMES]])
         for r, p in zip(records, table.probs):
             w.writerow([r.key, r.label, r.source, spec.CLASS_NAMES[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-
-
-def _write_failures(path: Path, failures: Sequence[tuple[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        w = csv.writer(handle)
-        w.writerow(["file", "reason"])
-        w.writerows(failures)

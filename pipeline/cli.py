@@ -166,6 +166,54 @@ def _cmd_import_masks(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.problems else EXIT_OK
 
 
+def _cmd_train_segmenter(args: argparse.Namespace) -> int:
+    from pipeline.api import gather_records
+    from pipeline.segmenter_jobs import train_segmenter_job
+
+    records = gather_records(args.images, manifest=args.manifest, masks=args.masks, mask_kinds=[args.kind])
+    overrides = {"arch": args.arch, "kind": args.kind, "image_size": args.image_size, "epochs": args.epochs,
+                 "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed}
+    res = train_segmenter_job(records, args.out, config=args.config, overrides=overrides, splits=args.splits,
+                              allow_leaks=args.allow_leaks, progress=_progress("hashing"))
+    best = min(res.history.get("val_loss", [float("nan")]))
+    print(f"trained in {res.seconds:.0f} s on {res.n_train} images (val {res.n_val}); best val_loss {best:.4f}")
+    print(f"model: {res.out}")
+    for path, reason in res.failures:
+        print(f"  skipped {path}: {reason}")
+    return EXIT_SOME_FAILED if res.failures else EXIT_OK
+
+
+def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
+    from pipeline.api import gather_records
+    from pipeline.segmenter_jobs import SCORE_KEYS, evaluate_segmenter_job
+
+    records = gather_records(args.images, manifest=args.manifest, masks=args.masks, mask_kinds=[args.kind])
+    m = evaluate_segmenter_job(args.model, records, args.out, kind=args.kind, splits=args.splits, split=args.split,
+                               n_boot=args.bootstrap, progress=_progress("segmenting"))
+    for k in SCORE_KEYS:
+        ci = m[k].get("ci95")
+        print(f"{k:<9} {m[k]['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    if m["hd95"]["value"] is not None:
+        print(f"hd95      {m['hd95']['value']:.1f} px (n {m['hd95']['n']})")
+    print(f"n = {m['n']}; wrote {Path(args.out) / 'metrics.json'} and gallery.png")
+    return EXIT_SOME_FAILED if m["failures"] else EXIT_OK
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from pipeline.segmenter_jobs import segment_files
+
+    rows, failures = segment_files(args.model, args.files, lung_model=args.lung_model)
+    for path, res in rows:
+        pct = f"{res.lung_affected_pct:.1f} %" if res.lung_affected_pct is not None else "n/a (no --lung-model)"
+        print(f"{path}: {len(res.lesions)} lesion(s), lung affected {pct}")
+        for les in res.lesions:
+            share = f", {les.lung_pct:.1f} % of lung" if les.lung_pct is not None else ""
+            print(f"  box x={les.box[0]} y={les.box[1]} w={les.box[2]} h={les.box[3]}, {les.area_px} px{share}, score {les.score:.2f}")
+    for path, reason in failures:
+        print(f"cxr: {path}: {reason}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
 def _existing_dir(value: str) -> str:
     if not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such folder")
@@ -281,6 +329,41 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, help="mask folder; masks go to OUT/<kind>/<image stem>.png")
     im.add_argument("--kind", default="lesion")
     im.set_defaults(func=_cmd_import_masks)
+
+    ts = sub.add_parser("train-segmenter", help="train the stage-2 lesion (or lung-field) segmenter")
+    ts.add_argument("--images", required=True, type=_existing_dir, help="image folder (class folders or --manifest root)")
+    ts.add_argument("--manifest", type=_existing_file)
+    ts.add_argument("--masks", required=True, type=_existing_dir, help="MASKDIR with <kind>/<image name>.png")
+    ts.add_argument("--kind", required=True, help="mask kind to learn: infection, opacity, lung, ...")
+    ts.add_argument("--out", required=True)
+    ts.add_argument("--arch", choices=("unet-densenet121", "fc-densenet103"))
+    ts.add_argument("--config", type=_existing_file, help="TOML with SegmenterSettings keys (flags override it)")
+    ts.add_argument("--image-size", type=_positive_int)
+    ts.add_argument("--epochs", type=_positive_int)
+    ts.add_argument("--batch-size", type=_positive_int)
+    ts.add_argument("--weights", help="encoder init for the U-Net: imagenet | none | DenseNet121 no-top .h5")
+    ts.add_argument("--splits", type=_existing_file)
+    ts.add_argument("--seed", type=int)
+    ts.add_argument("--allow-leaks", action="store_true")
+    ts.set_defaults(func=_cmd_train_segmenter)
+
+    es = sub.add_parser("evaluate-segmenter", help="Dice, IoU, precision, recall (95 %% CIs), HD95 and a gallery")
+    es.add_argument("--model", required=True, type=_existing_dir)
+    es.add_argument("--images", required=True, type=_existing_dir)
+    es.add_argument("--manifest", type=_existing_file)
+    es.add_argument("--masks", required=True, type=_existing_dir)
+    es.add_argument("--kind", required=True)
+    es.add_argument("--splits", type=_existing_file)
+    es.add_argument("--split", choices=("train", "val", "test"), default="test")
+    es.add_argument("--bootstrap", type=int, default=1000)
+    es.add_argument("--out", required=True)
+    es.set_defaults(func=_cmd_evaluate_segmenter)
+
+    sg = sub.add_parser("segment", help="lesions and share of lung affected per file")
+    sg.add_argument("--model", required=True, type=_existing_dir)
+    sg.add_argument("--lung-model", type=_existing_dir)
+    sg.add_argument("files", nargs="+")
+    sg.set_defaults(func=_cmd_segment)
     return parser
 
 
@@ -307,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradcam.imports import AnnotationError
 
         user_errors += (AnnotationError,)
-    if args.command in ("train-classifier",):
+    if args.command in ("train-classifier", "train-segmenter"):
         from ensemble.members import WeightsError
 
         user_errors += (WeightsError,)

@@ -20,17 +20,19 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def plot_history(history: dict[str, list[float]], path: Path) -> Path:
-    """Accuracy and loss per epoch, train vs validation, one panel each."""
-    fig = Figure(figsize=(10, 4))
-    for ax, metric in zip(fig.subplots(1, 2), ("accuracy", "loss")):
+    """Per-epoch curves, train vs validation: one panel per metric present (accuracy or Dice) and loss."""
+    metrics = [m for m in ("accuracy", "dice_coefficient") if any(k.endswith(m) for k in history)] + ["loss"]
+    fig = Figure(figsize=(5 * len(metrics), 4))
+    for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics):
         for key, values in sorted(history.items()):
-            if key.endswith(metric) and key != "learning_rate":
+            if key.endswith(metric):
                 style = "--" if key.startswith("val_") else "-"
                 ax.plot(range(1, len(values) + 1), values, style, label=key, marker="o", markersize=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -78,6 +80,23 @@ def plot_reliability(bins: dict[str, list[float]], path: Path, *, title: str = "
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gallery(examples, path: Path) -> Path:
+    """Rows of image | ground truth | prediction; ``examples`` holds (name, image, truth, pred)."""
+    fig = Figure(figsize=(9, 3 * len(examples)))
+    axes = np.atleast_2d(fig.subplots(len(examples), 3))
+    for row, (name, image, truth, pred) in zip(axes, examples):
+        gray = np.clip(np.asarray(image), 0, 255).mean(axis=2) / 255.0
+        for ax, (title, mask, colour) in zip(row, ((name, None, None), ("ground truth", truth, (0.1, 0.8, 0.1)),
+                                                  ("prediction", pred, (0.9, 0.1, 0.1)))):
+            rgb = np.repeat(gray[..., None], 3, axis=2)
+            if mask is not None:
+                rgb[mask] = rgb[mask] * 0.5 + np.asarray(colour) * 0.5
+            ax.imshow(rgb)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
     return _save(fig, path)
 
 

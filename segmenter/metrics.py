@@ -83,6 +83,15 @@ def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = 16, lun
     return sorted(out, key=lambda les: (-les.area_px, les.box))
 
 
+def clean_mask(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = 16) -> np.ndarray:
+    """``prob ≥ threshold`` without the 8-connected components smaller than ``min_area`` px."""
+    mask = (np.asarray(prob) >= threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels]
+
+
 def lung_affected_pct(lesion_mask: np.ndarray, lung: np.ndarray) -> float | None:
     """Share (%) of the lung field covered by lesion; None without lung pixels."""
     lung = np.asarray(lung, bool)

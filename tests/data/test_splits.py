@@ -98,3 +98,10 @@ def test_real_data_split_has_no_leaks(shared_cxr):
     splits = assign_splits(recs, groups, seed=0)
     assert find_leaks(recs, splits, hashes) == []
     assert Counter(splits.values())["test"] >= 30
+
+
+def test_small_sets_still_get_val_and_test():
+    recs = _records(5, 1)  # 5 patients, one image each
+    splits = assign_splits(recs, group_records(recs, {}), val=0.15, test=0.15, seed=0)
+    assert sorted(set(splits.values())) == ["test", "train", "val"]
+    assert list(splits.values()).count("train") == 3

@@ -1,0 +1,181 @@
+"""Stage-2 jobs: train and evaluate segmenters, and segment files (lesions, share of lung affected)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data.datasets import DatasetError, FailureLog, Record
+from data.io import ImageReadError, read_mask
+from data.preprocess import Geometry
+from data.splits import read_splits, select_split
+from data.stream import stream_images
+from pipeline.common import prepare_output_dir, resolve_splits, run_metadata, write_failures
+from pipeline.config import build_settings, read_toml, settings_to_toml
+from pipeline.report import plot_gallery, plot_history, write_json
+
+SCORE_KEYS = ("dice", "iou", "precision", "recall")
+
+
+@dataclass
+class SegTrainJobResult:
+    out: Path
+    history: dict[str, list[float]]
+    n_train: int
+    n_val: int
+    failures: list[tuple[str, str]]
+    seconds: float
+
+
+def train_segmenter_job(records: Sequence[Record], out, *, config=None, overrides: dict[str, Any] | None = None,
+                        splits=None, allow_leaks: bool = False, progress=None, verbose: int | None = None) -> SegTrainJobResult:
+    """Train a segmenter on the records that carry the configured mask kind (patient-level split)."""
+    from segmenter.train import SegmenterSettings, train_segmenter
+
+    values = read_toml(config) if config is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = build_settings(SegmenterSettings, values, source=str(config or "arguments"))
+    with_mask = [r for r in records if settings.kind in r.masks]
+    if len(with_mask) < 3:
+        raise DatasetError(f"only {len(with_mask)} image(s) have a {settings.kind!r} mask; check --masks and --kind")
+    out = prepare_output_dir(out)
+    t0 = time.perf_counter()
+    assignment = resolve_splits(with_mask, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
+    train, val = select_split(with_mask, assignment, "train"), select_split(with_mask, assignment, "val")
+    if not train or not val:
+        raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images with "
+                           f"{settings.kind!r} masks; need both (add masks or pass --splits)")
+    (out / "config.toml").write_text(settings_to_toml(settings.to_dict()))
+    write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
+    result = train_segmenter(settings, train, val, out, verbose=verbose)
+    plot_history(result.history, out / "training_curves.png")
+    write_failures(out / "failures.csv", result.failures)
+    return SegTrainJobResult(out, result.history, len(train), len(val), result.failures, time.perf_counter() - t0)
+
+
+def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean with a percentile-bootstrap 95 % interval over images."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"value": None, "ci95": None}
+    out: dict[str, Any] = {"value": float(v.mean())}
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
+        out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
+def probability_maps(segmenter, paths: Sequence[Path], *, batch_size: int = 4, progress=None,
+                     failures: FailureLog | None = None):
+    """Yield (index, path, probability map at the file's original size, original image) per readable file."""
+    batches = stream_images(paths, size=segmenter.image_size, batch_size=batch_size, mode=segmenter.resize_mode,
+                            clahe=segmenter.clahe, failures=failures, keep_original=True)
+    for batch in (progress(batches) if progress else batches):
+        probs = segmenter.predict(batch.x)
+        for i, path, geo, prob, orig in zip(batch.indices, batch.paths, batch.geometries, probs, batch.originals):
+            yield i, path, _to_original(prob, geo), orig
+
+
+def _to_original(prob: np.ndarray, geo: Geometry) -> np.ndarray:
+    return np.clip(geo.to_original(prob), 0.0, 1.0)
+
+
+def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,
+                           split: str = "test", n_boot: int = 1000, gallery: int = 8, progress=None) -> dict[str, Any]:
+    """metrics.json (Dice, IoU, precision, recall with 95 % CIs; pooled; HD95), per_image.csv, gallery.png."""
+    from segmenter.metrics import confusion, hausdorff95, segmentation_scores
+    from segmenter.train import load_segmenter
+
+    seg = load_segmenter(model_dir)
+    kind = kind or seg.kind
+    out = prepare_output_dir(out, marker="metrics.json")
+    if splits is not None:
+        records = select_split(records, read_splits(splits), split)
+    records = [r for r in records if kind in r.masks]
+    if not records:
+        raise DatasetError(f"no image with a {kind!r} mask to evaluate on")
+    failures = FailureLog()
+    rows, tp_fp_fn, hd = [], np.zeros(3, np.int64), []
+    examples = []
+    for i, path, prob, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
+        try:
+            truth = read_mask(records[i].masks[kind])
+        except ImageReadError as err:
+            failures.add(err.path, f"mask: {err.reason}")
+            continue
+        if truth.shape != prob.shape:
+            failures.add(str(records[i].masks[kind]), f"mask size {truth.shape[::-1]} differs from image {prob.shape[::-1]}")
+            continue
+        pred = prob >= seg.threshold
+        scores = segmentation_scores(truth, pred)
+        tp_fp_fn += confusion(truth, pred)
+        h = hausdorff95(truth, pred)
+        if h is not None:
+            hd.append(h)
+        rows.append({"file": records[i].key, **scores, "hd95": h})
+        if len(examples) < gallery:
+            examples.append((records[i].key, orig, truth, pred))
+    if not rows:
+        raise DatasetError("no image could be evaluated; see failures.csv")
+    tp, fp, fn = (int(v) for v in tp_fp_fn)
+    metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot) for k in SCORE_KEYS}
+    metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
+    metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+                         "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
+    metrics.update(n=len(rows), kind=kind, threshold=seg.threshold, failures=len(failures),
+                   empty_mask_convention="both empty scores 1; one empty scores 0",
+                   model={"path": str(model_dir), "sha256": seg.checkpoint_sha256, "arch": seg.meta["arch"]})
+    write_json(out / "metrics.json", metrics)
+    with (out / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
+        w = csv.DictWriter(handle, fieldnames=["file", *SCORE_KEYS, "hd95"])
+        w.writeheader()
+        w.writerows(rows)
+    write_failures(out / "failures.csv", failures.items)
+    if examples:
+        plot_gallery(examples, out / "gallery.png")
+    return metrics
+
+
+@dataclass
+class SegmentedImage:
+    """Stage-2 output for one image, at its original size."""
+
+    mask: np.ndarray  # bool (H, W)
+    lung: np.ndarray | None
+    lesions: list[Any]
+    lung_affected_pct: float | None
+
+
+def segment_image(prob: np.ndarray, seg, lung_prob: np.ndarray | None = None, lung_threshold: float = 0.5) -> SegmentedImage:
+    """Threshold, drop small components, and describe lesions (inside the lung field when known)."""
+    from segmenter.metrics import clean_mask, lesions, lung_affected_pct
+
+    lung = lung_prob >= lung_threshold if lung_prob is not None else None
+    found = lesions(prob, threshold=seg.threshold, min_area=seg.min_lesion_area, lung=lung)
+    mask = clean_mask(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
+    pct = lung_affected_pct(mask, lung) if lung is not None else None
+    return SegmentedImage(mask, lung, found, pct)
+
+
+def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_model=None):
+    """(rows of (file, SegmentedImage), failures) for each file, with the lung model when given."""
+    from segmenter.train import load_segmenter
+
+    seg = load_segmenter(model_dir)
+    lung_seg = load_segmenter(lung_model) if lung_model else None
+    paths = [Path(f) for f in files]
+    failures = FailureLog()
+    lung_maps = {}
+    if lung_seg is not None:
+        lung_maps = {i: p for i, _, p, _ in probability_maps(lung_seg, paths, failures=FailureLog())}
+    rows = [(paths[i], segment_image(prob, seg, lung_maps.get(i)))
+            for i, _, prob, _ in probability_maps(seg, paths, failures=failures)]
+    return rows, failures.items
+

@@ -1,0 +1,185 @@
+"""Training, saving and loading of the stage-2 segmenters (lesion or lung field).
+
+Graph mode by default; ``run_eagerly`` for tests. The saved bundle is ``model.keras`` +
+``model.json`` (kind "segmenter"), checked on load like the classifier's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from data import spec
+from data.augment import AugmentParams
+from data.bundle import BundleError, load_bundle, save_bundle
+from data.datasets import FailureLog, Record, make_dataset
+from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
+from segmenter.losses import get_loss
+from segmenter.tiramisu import build_fc_densenet103
+from segmenter.unet import build_unet
+
+KIND = "segmenter"
+ARCHS = ("unet-densenet121", "fc-densenet103")
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+def dice_coefficient(y_true, y_pred):
+    """Soft Dice of the batch (a training metric; evaluation uses thresholded masks)."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    inter = ops.sum(y_true * y_pred)
+    return (2.0 * inter + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    """Everything that decides a trained segmenter (paper: lr 1e-4, batch 30, 40 epochs)."""
+
+    arch: str = "unet-densenet121"
+    kind: str = "infection"
+    image_size: int = 256
+    resize_mode: str = "stretch"
+    clahe: bool = False
+    weights: str | None = "imagenet"  # encoder initialisation (U-Net only)
+    freeze_encoder: bool = False
+    loss: str = "bce_dice"
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 40
+    augment: bool = True
+    early_stopping_patience: int = 10
+    reduce_lr_patience: int = 4
+    threshold: float = 0.5
+    min_lesion_area: int = 16
+    seed: int = 0
+    run_eagerly: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        get_loss(self.loss)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be ≥ 1")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.arch == "fc-densenet103" and self.weights not in (None, "none"):
+            raise ValueError("fc-densenet103 has no pretrained weights; set weights = \"none\"")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_segmenter(settings: SegmenterSettings) -> keras.Model:
+    """The architecture named by ``settings.arch`` with one sigmoid output."""
+    if settings.arch == "unet-densenet121":
+        weights = None if settings.weights in (None, "none") else settings.weights
+        return build_unet(input_size=settings.image_size, num_classes=1, weights=weights,
+                          freeze_encoder=settings.freeze_encoder)
+    return build_fc_densenet103(input_size=settings.image_size, num_classes=1)
+
+
+@dataclass
+class Segmenter:
+    """A loaded segmenter bundle."""
+
+    model: Any
+    sidecar: dict[str, Any]
+    path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.sidecar["meta"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.sidecar["image_size"])
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def min_lesion_area(self) -> int:
+        return int(self.meta.get("min_lesion_area", 16))
+
+    @property
+    def resize_mode(self) -> str:
+        return self.meta.get("resize_mode", "stretch")
+
+    @property
+    def clahe(self) -> bool:
+        return bool(self.meta.get("clahe", False))
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.sidecar["files"]["model.keras"]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) float32 in [0, 255] → (N, S, S) float32 foreground probabilities."""
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, spec.CHANNELS):
+            raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) float32 in [0, 255], got {x.shape}")
+        return np.asarray(self.model.predict_on_batch(x))[..., 0].astype(np.float32)
+
+
+def load_segmenter(directory) -> Segmenter:
+    """Load and check a segmenter bundle; BundleError naming the file on any problem."""
+    model, side = load_bundle(directory, kind=KIND)
+    for key in ("arch", "kind", "threshold"):
+        if key not in side.get("meta", {}):
+            raise BundleError(f"{Path(directory) / 'model.json'}: meta.{key} missing")
+    return Segmenter(model, side, Path(directory))
+
+
+@dataclass
+class SegmenterTrainResult:
+    segmenter: Segmenter
+    history: dict[str, list[float]]
+    failures: list[tuple[str, str]]
+
+
+def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
+                    *, verbose: int | None = None) -> SegmenterTrainResult:
+    """Train on records that carry a ``settings.kind`` mask, keep the best val-loss epoch, save."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = [r for r in train if settings.kind in r.masks]
+    val = [r for r in val if settings.kind in r.masks]
+    if not train or not val:
+        raise ValueError(f"need {settings.kind!r} masks in both splits; found {len(train)} train, {len(val)} val")
+    keras.utils.set_random_seed(settings.seed)
+    model = build_segmenter(settings)
+    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=get_loss(settings.loss),
+                  metrics=[dice_coefficient], run_eagerly=settings.run_eagerly, jit_compile=False)
+    failures = FailureLog()
+    common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
+                  clahe=settings.clahe, failures=failures, seed=settings.seed, mask_kind=settings.kind)
+    train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
+    val_ds = make_dataset(val, **common)
+    ckpt = out_dir / "best.weights.h5"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=settings.reduce_lr_patience, min_lr=1e-7),
+        keras.callbacks.CSVLogger(out_dir / "training_log.csv"),
+    ]
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks,
+                     verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
+    if ckpt.is_file():
+        model.load_weights(ckpt)
+    meta = {"arch": settings.arch, "kind": settings.kind, "threshold": settings.threshold,
+            "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe}
+    config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}
+    save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    return SegmenterTrainResult(load_segmenter(out_dir), history, list(failures.items))

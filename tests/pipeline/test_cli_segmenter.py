@@ -1,0 +1,94 @@
+"""`cxr train-segmenter`, `cxr evaluate-segmenter`, `cxr segment` on a tiny generated set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fakes import png_bytes, xray_like
+
+from data.bundle import BundleError
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory):
+    """8 images with a bright lesion and its mask in masks/lesion/ (class folders)."""
+    root = tmp_path_factory.mktemp("seg")
+    (root / "masks" / "lesion").mkdir(parents=True)
+    for i in range(8):
+        label = ("covid", "pneumonia")[i % 2]
+        (root / "images" / label).mkdir(parents=True, exist_ok=True)
+        img = xray_like(72, 64, seed=200 + i)
+        m = np.zeros((72, 64), np.uint8)
+        y, x = 8 + 4 * i, 6 + 3 * i
+        img[y : y + 20, x : x + 24] = 250
+        m[y : y + 20, x : x + 24] = 255
+        (root / "images" / label / f"s{i}.png").write_bytes(png_bytes(img))
+        (root / "masks" / "lesion" / f"s{i}.png").write_bytes(png_bytes(m))
+    return root
+
+
+@pytest.fixture(scope="module")
+def seg_model(seg_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("segmodel") / "m"
+    cfg = out.parent / "c.toml"
+    cfg.write_text('arch = "fc-densenet103"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
+                   'run_eagerly = true\nmin_lesion_area = 4\n')
+    code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
+                 "--kind", "lesion", "--out", str(out), "--config", str(cfg)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_bundle(seg_model):
+    side = json.loads((seg_model / "model.json").read_text())
+    assert side["kind"] == "segmenter" and side["meta"]["arch"] == "fc-densenet103"
+    assert side["meta"]["kind"] == "lesion"
+    for name in ("model.keras", "splits.csv", "training_curves.png", "training_log.csv", "config.toml"):
+        assert (seg_model / name).is_file()
+
+
+def test_classifier_loader_refuses_a_segmenter(seg_model):
+    from ensemble.classifier import load_classifier
+
+    with pytest.raises(BundleError, match="holds a 'segmenter' model, expected a 'classifier'"):
+        load_classifier(seg_model)
+
+
+def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
+    out = tmp_path / "e"
+    assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(seg_data / "images"),
+                 "--masks", str(seg_data / "masks"), "--kind", "lesion", "--out", str(out), "--bootstrap", "100"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 8
+    for k in ("dice", "iou", "precision", "recall"):
+        lo, hi = m[k]["ci95"]
+        assert 0.0 <= lo <= m[k]["value"] <= hi <= 1.0
+    assert (out / "gallery.png").stat().st_size > 0
+    assert (out / "per_image.csv").read_text().count("\n") == 9
+
+
+def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    good = sorted((seg_data / "images" / "covid").iterdir())[0]
+    assert main(["segment", "--model", str(seg_model), "--lung-model", str(seg_model), str(good), str(bad)]) == 1
+    cap = capsys.readouterr()
+    assert f"{good}:" in cap.out and "lung affected" in cap.out
+    assert "x.png: not an image: empty file" in cap.err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kind", "infection"], "no mask folder for kind(s) infection"),
+        (["--kind", "lesion", "--arch", "fc-densenet103", "--weights", "imagenet"], "no pretrained weights"),
+    ],
+)
+def test_train_segmenter_bad_usage(seg_data, tmp_path, capsys, extra, message):
+    code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
+                 "--out", str(tmp_path / "m"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
