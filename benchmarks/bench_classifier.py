@@ -14,69 +14,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 GEMM rate of numpy (BLAS) on an n×n problem, in GFLOP/s."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
-def model_flops(model) -> float:
-    """Nominal forward FLOPs per image (2 × multiply-adds of conv, depthwise conv and dense layers)."""
-    import keras
-
-    total = 0.0
-
-    def visit(layer):
-        nonlocal total
-        if isinstance(layer, keras.Model):
-            for sub in layer.layers:
-                visit(sub)
-            return
-        out = layer.output.shape if hasattr(layer, "output") else None
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
-            kh, kw = layer.kernel_size
-            total += 2.0 * out[1] * out[2] * out[3] * kh * kw
-        elif isinstance(layer, keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            cin = layer.kernel.shape[2]
-            total += 2.0 * out[1] * out[2] * out[3] * kh * kw * cin
-        elif isinstance(layer, keras.layers.Dense):
-            total += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
-
-    visit(model)
-    return total
-
-
-def time_call(fn, repeats: int, n_images: int, min_seconds: float = 1.0) -> float:
-    """Median images/second of ``fn`` (each call processes ``n_images``)."""
-    fn()  # warm-up (tracing)
-    rates = []
-    for _ in range(repeats):
-        calls, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            if time.perf_counter() - t0 >= min_seconds:
-                break
-        rates.append(calls * n_images / (time.perf_counter() - t0))
-    return statistics.median(rates)
+from _measure import matmul_gflops, model_flops, time_call  # noqa: E402
 
 
 def main() -> int:

@@ -94,3 +94,17 @@ def stream_images(
                     originals=[item.original for _, item in rows] if keep_original else None,
                 )
                 rows = []
+
+
+def pad_to_bucket(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Pad a batch with zero images up to the next power of two; returns (padded, original N).
+
+    Compiled predict functions trace once per input shape: buckets keep that to a few
+    shapes whatever the remainder batch or the number of images flagged for stage 2.
+    """
+    n = len(x)
+    size = 1 << max(0, (n - 1).bit_length())
+    if size == n:
+        return x, n
+    pad = np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)
+    return np.concatenate([x, pad]), n

@@ -16,6 +16,7 @@ import numpy as np
 
 from data import spec
 from data.bundle import BundleError, load_bundle, save_bundle
+from data.stream import pad_to_bucket
 from ensemble import ensemble as _ensemble  # noqa: F401  (registers the custom layers for loading)
 from ensemble import members as _members  # noqa: F401
 from ensemble.calibration import apply_temperature
@@ -90,8 +91,10 @@ class Classifier:
             raise ValueError(
                 f"expected (N, {self.image_size}, {self.image_size}, {spec.CHANNELS}) float32 in [0, 255], got {x.shape}"
             )
-        # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape.
-        out = {k: np.asarray(v) for k, v in self.model.predict_on_batch(x).items()}
+        # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape:
+        # padding to power-of-two buckets keeps the number of traces small.
+        padded, n = pad_to_bucket(x)
+        out = {k: np.asarray(v)[:n] for k, v in self.model.predict_on_batch(padded).items()}
         raw = out["probs"].astype(np.float32)
         return Prediction(
             probs=apply_temperature(raw, self.temperature),

@@ -214,6 +214,22 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ensemble.classifier import load_classifier
+    from pipeline.run import run_pipeline
+    from segmenter.train import load_segmenter
+
+    # Models and their sidecars are checked before any image is read.
+    classifier = load_classifier(args.classifier)
+    segmenter = load_segmenter(args.segmenter)
+    lung = load_segmenter(args.lung_model) if args.lung_model else None
+    res = run_pipeline(args.dir, args.out, classifier=classifier, segmenter=segmenter, lung_model=lung,
+                       segment_all=args.segment_all, batch_size=args.batch_size, progress=_progress("run"))
+    print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
+    print(f"report: {res.report}")
+    return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
+
+
 def _existing_dir(value: str) -> str:
     if not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such folder")
@@ -364,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--lung-model", type=_existing_dir)
     sg.add_argument("files", nargs="+")
     sg.set_defaults(func=_cmd_segment)
+
+    rn = sub.add_parser("run", help="full pipeline on a folder: CSV/JSON results, overlays, masks, report.html")
+    rn.add_argument("dir", type=_existing_dir, help="folder of X-rays (searched recursively)")
+    rn.add_argument("--classifier", required=True, type=_existing_dir)
+    rn.add_argument("--segmenter", required=True, type=_existing_dir)
+    rn.add_argument("--lung-model", type=_existing_dir, help="lung-field segmenter for the share of lung affected")
+    rn.add_argument("--out", required=True)
+    rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
+    rn.add_argument("--batch-size", type=_positive_int, default=8)
+    rn.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -20,6 +20,7 @@ from data import spec
 from data.augment import AugmentParams
 from data.bundle import BundleError, load_bundle, save_bundle
 from data.datasets import FailureLog, Record, make_dataset
+from data.stream import pad_to_bucket
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
@@ -129,7 +130,8 @@ class Segmenter:
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, spec.CHANNELS):
             raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) float32 in [0, 255], got {x.shape}")
-        return np.asarray(self.model.predict_on_batch(x))[..., 0].astype(np.float32)
+        padded, n = pad_to_bucket(x)  # few traced shapes (see data.stream.pad_to_bucket)
+        return np.asarray(self.model.predict_on_batch(padded))[:n, ..., 0].astype(np.float32)
 
 
 def load_segmenter(directory) -> Segmenter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from fakes import make_bad_corpus, png_bytes, xray_like
 
@@ -68,3 +69,47 @@ def trained_bundle(tmp_path_factory, tiny_records):
     val = tiny_records[3::4]
     result = train_classifier(settings, train, val, out, verbose=0)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def seg_data(tmp_path_factory):
+    """8 images with a bright lesion and its mask in masks/lesion/ (class folders)."""
+    root = tmp_path_factory.mktemp("seg")
+    (root / "masks" / "lesion").mkdir(parents=True)
+    for i in range(8):
+        label = ("covid", "pneumonia")[i % 2]
+        (root / "images" / label).mkdir(parents=True, exist_ok=True)
+        img = xray_like(72, 64, seed=200 + i)
+        m = np.zeros((72, 64), np.uint8)
+        y, x = 8 + 4 * i, 6 + 3 * i
+        img[y : y + 20, x : x + 24] = 250
+        m[y : y + 20, x : x + 24] = 255
+        (root / "images" / label / f"s{i}.png").write_bytes(png_bytes(img))
+        (root / "masks" / "lesion" / f"s{i}.png").write_bytes(png_bytes(m))
+    return root
+
+
+@pytest.fixture(scope="session")
+def seg_model(seg_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("segmodel") / "m"
+    cfg = out.parent / "c.toml"
+    cfg.write_text('arch = "fc-densenet103"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
+                   'run_eagerly = true\nmin_lesion_area = 4\n')
+    from pipeline.cli import main
+
+    code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
+                 "--kind", "lesion", "--out", str(out), "--config", str(cfg)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def light_bundle(tmp_path_factory, tiny_records):
+    """A one-member (EfficientNetB0) classifier for pipeline tests: cheap to load and trace."""
+    from ensemble.train import ClassifierSettings, train_classifier
+
+    out = tmp_path_factory.mktemp("light_clf")
+    settings = ClassifierSettings(members=("efficientnetb0",), image_size=64, weights=None, epochs=1, batch_size=4,
+                                  run_eagerly=True)
+    train_classifier(settings, tiny_records[::2] + tiny_records[1::4], tiny_records[3::4], out, verbose=0)
+    return out

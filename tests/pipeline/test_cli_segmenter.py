@@ -4,42 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from fakes import png_bytes, xray_like
 
 from data.bundle import BundleError
 from pipeline.cli import main
-
-
-@pytest.fixture(scope="module")
-def seg_data(tmp_path_factory):
-    """8 images with a bright lesion and its mask in masks/lesion/ (class folders)."""
-    root = tmp_path_factory.mktemp("seg")
-    (root / "masks" / "lesion").mkdir(parents=True)
-    for i in range(8):
-        label = ("covid", "pneumonia")[i % 2]
-        (root / "images" / label).mkdir(parents=True, exist_ok=True)
-        img = xray_like(72, 64, seed=200 + i)
-        m = np.zeros((72, 64), np.uint8)
-        y, x = 8 + 4 * i, 6 + 3 * i
-        img[y : y + 20, x : x + 24] = 250
-        m[y : y + 20, x : x + 24] = 255
-        (root / "images" / label / f"s{i}.png").write_bytes(png_bytes(img))
-        (root / "masks" / "lesion" / f"s{i}.png").write_bytes(png_bytes(m))
-    return root
-
-
-@pytest.fixture(scope="module")
-def seg_model(seg_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("segmodel") / "m"
-    cfg = out.parent / "c.toml"
-    cfg.write_text('arch = "fc-densenet103"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
-                   'run_eagerly = true\nmin_lesion_area = 4\n')
-    code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
-                 "--kind", "lesion", "--out", str(out), "--config", str(cfg)])
-    assert code == 0
-    return out
 
 
 def test_train_writes_bundle(seg_model):

@@ -1,0 +1,57 @@
+"""Stage-2 inference throughput on this machine: both architectures at 256 and 512 px, batch 1
+and 4, next to their nominal FLOPs and a measured matrix-multiply ceiling.
+
+    .venv/bin/python benchmarks/bench_segmenter.py [--sizes 256,512] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from _measure import matmul_gflops, model_flops, time_call  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import keras
+
+    from segmenter.tiramisu import build_fc_densenet103
+    from segmenter.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    ceiling = matmul_gflops()
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for name, build in (("unet-densenet121", build_unet), ("fc-densenet103", build_fc_densenet103)):
+            model = build(input_size=size, num_classes=1)
+            flops = model_flops(model)
+            row = {"model": name, "size": size, "gflops": flops / 1e9}
+            for batch in (1, 4):
+                x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+                row[f"b{batch}"] = time_call(lambda: model.predict_on_batch(x), args.repeats, batch)
+            rows.append(row)
+            keras.backend.clear_session()
+            print(f"  measured {name} at {size}", file=sys.stderr, flush=True)
+    print(f"\nkeras {keras.__version__} on {keras.backend.backend()}, weights=None, graph mode, XLA off; "
+          f"matmul ceiling {ceiling:.1f} GFLOP/s")
+    print("| model | size | GFLOPs/img | b1 img/s | b4 img/s | b4 GFLOP/s (share) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        g = r["b4"] * r["gflops"]
+        print(f"| {r['model']} | {r['size']} | {r['gflops']:.1f} | {r['b1']:.2f} | {r['b4']:.2f} | {g:.0f} ({g / ceiling:.0%}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`cxr run`: the full pipeline on a folder, resumable.
+
+Per batch: decode (threads, ahead of compute) → classifier (probabilities and every member's
+conv maps in one pass) → closed-form Grad-CAM → segmenter on the images flagged pneumonia or
+covid (all with ``segment_all``) → files. Each image's files are written atomically first;
+then one line is appended to ``results.jsonl`` (or ``failures.jsonl``) and flushed. A line
+exists only for a finished image, so a killed run restarted with the same arguments skips
+the finished ones and never duplicates a row. ``results.csv``, ``failures.csv`` and
+``report.html`` are rebuilt from the logs at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import cv2
+import numpy as np
+
+from data import spec
+from data.datasets import DatasetError, FailureLog, walk_images
+from data.preprocess import preprocess_image
+from data.stream import stream_images
+from gradcam.cam import member_heatmaps
+from gradcam.masks import mask_overlay, overlay
+
+RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "segmented",
+                  "lesion_count", "lesion_area_px", "lung_affected_pct")
+
+
+@dataclass
+class RunResult:
+    out: Path
+    n_done: int  # finished in this invocation
+    n_skipped: int  # already finished by an earlier invocation
+    n_failed: int  # failures recorded in total
+    report: Path
+
+
+def _atomic_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    if not cv2.imwrite(str(tmp), rgb[..., ::-1] if rgb.ndim == 3 else rgb):
+        raise OSError(f"{path}: could not write PNG")
+    os.replace(tmp, path)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines of an append-only log; a torn last line (killed mid-write) is cut off."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        path.write_bytes(keep)
+    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+
+class _Log:
+    def __init__(self, path: Path) -> None:
+        self.handle = path.open("a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def check_run_inputs(image_dir: Path, out: Path, identity: dict[str, Any]) -> list[Path]:
+    """Images to process; DatasetError for a missing/empty folder or an OUT holding another run."""
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: no such folder")
+    paths = list(walk_images(image_dir))
+    if not paths:
+        raise DatasetError(f"{image_dir}: no images (PNG, JPEG, BMP, TIFF, DICOM) found")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err})") from None
+    run_file = out / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous.get("identity") != identity:
+            raise DatasetError(f"{out}: holds a run with other models or settings; use another --out to keep both")
+    else:
+        tmp = run_file.with_name("run.json.tmp")
+        tmp.write_text(json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, run_file)
+    return paths
+
+
+def run_pipeline(
+    image_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    classifier,
+    segmenter,
+    lung_model=None,
+    segment_all: bool = False,
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] | None = None,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run both stages over ``image_dir`` into ``out`` (see the module docstring).
+
+    ``classifier``/``segmenter``/``lung_model`` are loaded bundles. ``stop_after`` ends the run
+    after that many newly finished images (used to test resuming).
+    """
+    from pipeline.report_html import write_report
+    from pipeline.segmenter_jobs import segment_image
+
+    image_dir, out = Path(image_dir), Path(out)
+    identity = {
+        "images": str(image_dir.resolve()),
+        "classifier": classifier.checkpoint_sha256,
+        "segmenter": segmenter.checkpoint_sha256,
+        "lung_model": lung_model.checkpoint_sha256 if lung_model else None,
+        "segment_all": segment_all,
+    }
+    paths = check_run_inputs(image_dir, out, identity)
+    done = {r["file"] for r in _read_log(out / "results.jsonl")} | {r["file"] for r in _read_log(out / "failures.jsonl")}
+    todo = [p for p in paths if p.relative_to(image_dir).as_posix() not in done]
+    results, failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
+    heads = classifier.head_weights()
+    n_done = 0
+    failures = FailureLog()
+    logged_failures = 0
+    try:
+        batches = stream_images(todo, size=classifier.image_size, batch_size=batch_size, mode=classifier.resize_mode,
+                                clahe=classifier.clahe, failures=failures, keep_original=True)
+        for batch in (progress(batches) if progress else batches):
+            for path, reason in failures.items[logged_failures:]:
+                failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
+            logged_failures = len(failures.items)
+            pred = classifier.predict(batch.x)
+            cls = pred.probs.argmax(axis=1)
+            _, fused = member_heatmaps(pred.features, heads, cls, member_weights=classifier.member_weights,
+                                       size=classifier.image_size)
+            flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
+            seg_out = _segment(flagged, batch, segmenter, lung_model, segment_image)
+            for j, path in enumerate(batch.paths):
+                rel = path.relative_to(image_dir).as_posix()
+                stem = Path(rel).with_suffix("")
+                heat = np.clip(batch.geometries[j].to_original(fused[j]), 0.0, 1.0)
+                gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
+                _atomic_png(gradcam_png, overlay(batch.originals[j], heat))
+                row: dict[str, Any] = {
+                    "file": rel,
+                    "label": spec.CLASS_NAMES[int(cls[j])],
+                    **{f"p_{c}": round(float(pred.probs[j, k]), 6) for k, c in enumerate(spec.CLASS_NAMES)},
+                    "confidence": round(float(pred.probs[j].max()), 6),
+                    "segmented": j in seg_out,
+                    "lesion_count": 0, "lesion_area_px": 0, "lung_affected_pct": None, "lesions": [],
+                    "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
+                }
+                if j in seg_out:
+                    res = seg_out[j]
+                    mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
+                    _atomic_png(mask_png, res.mask.astype(np.uint8) * 255)
+                    _atomic_png(mask_overlay_png, mask_overlay(batch.originals[j], res.mask))
+                    row.update(
+                        lesion_count=len(res.lesions),
+                        lesion_area_px=int(sum(les.area_px for les in res.lesions)),
+                        lung_affected_pct=None if res.lung_affected_pct is None else round(res.lung_affected_pct, 3),
+                        lesions=[{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
+                                  "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
+                        mask=mask_png.relative_to(out).as_posix(),
+                        mask_overlay=mask_overlay_png.relative_to(out).as_posix(),
+                    )
+                results.append(row)
+                n_done += 1
+                if stop_after is not None and n_done >= stop_after:
+                    raise _Stop
+        for path, reason in failures.items[logged_failures:]:
+            failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
+    except _Stop:
+        pass
+    finally:
+        results.close()
+        failures_log.close()
+    rows = _read_log(out / "results.jsonl")
+    fails = _read_log(out / "failures.jsonl")
+    _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
+    _write_csv(out / "failures.csv", ("file", "reason"), fails)
+    report = write_report(out, rows, fails, identity)
+    return RunResult(out, n_done, len(paths) - len(todo), len(fails), report)
+
+
+class _Stop(Exception):
+    """Internal: ends a run early (``stop_after``)."""
+
+
+def _segment(flagged: list[int], batch, segmenter, lung_model, segment_image) -> dict[int, Any]:
+    """Stage 2 for the flagged rows of a batch, at each image's original size."""
+    if not flagged:
+        return {}
+    xs, geos = zip(*[preprocess_image(batch.originals[j], size=segmenter.image_size, mode=segmenter.resize_mode,
+                                      clahe=segmenter.clahe) for j in flagged])
+    probs = segmenter.predict(np.stack(xs))
+    lungs = None
+    if lung_model is not None:
+        lx, lgeos = zip(*[preprocess_image(batch.originals[j], size=lung_model.image_size, mode=lung_model.resize_mode,
+                                           clahe=lung_model.clahe) for j in flagged])
+        lungs = [np.clip(g.to_original(p), 0, 1) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
+    out = {}
+    for k, j in enumerate(flagged):
+        prob = np.clip(geos[k].to_original(probs[k]), 0.0, 1.0)
+        out[j] = segment_image(prob, segmenter, lungs[k] if lungs is not None else None)
+    return out
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        w = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: r["file"]):
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    os.replace(tmp, path)

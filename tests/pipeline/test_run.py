@@ -1,0 +1,108 @@
+"""`cxr run`: a mixed folder end to end, resume after interruption, and refusing a foreign OUT."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
+
+from pipeline.cli import main
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory, bad_corpus):
+    """Good X-rays (real ones from ../shared/data when present, generated otherwise) plus the bad corpus."""
+    d = tmp_path_factory.mktemp("mixed")
+    real = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr"
+    good = []
+    if (real / "manifest.csv").is_file():
+        for label in ("covid", "pneumonia", "normal"):
+            for p in sorted((real / label).glob("*.png"))[:2]:
+                shutil.copy(p, d / f"real_{p.name}")
+                good.append(f"real_{p.name}")
+    for i in range(3):
+        (d / "gen").mkdir(exist_ok=True)
+        (d / "gen" / f"g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=300 + i)))
+        good.append(f"gen/g{i}.png")
+    (d / "bad").mkdir()
+    bad = []
+    for name, expect in BAD_CORPUS_EXPECT.items():
+        shutil.copy(bad_corpus / name, d / "bad" / name)
+        (bad if expect != "ok" else good).append(f"bad/{name}")
+    return d, sorted(good), sorted(bad)
+
+
+def _rows(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run(folder, out, clf, seg, *extra):
+    return main(["run", str(folder), "--classifier", str(clf), "--segmenter", str(seg), "--out", str(out),
+                 "--batch-size", "4", *extra])
+
+
+def test_run_on_mixed_folder(mixed_folder, light_bundle, seg_model, tmp_path):
+    folder, good, bad = mixed_folder
+    out = tmp_path / "run"
+    assert _run(folder, out, light_bundle, seg_model, "--lung-model", str(seg_model)) == 1  # some inputs failed
+    results = _rows(out / "results.csv")
+    failures = _rows(out / "failures.csv")
+    assert sorted(r["file"] for r in results) == good
+    assert sorted(r["file"] for r in failures) == bad
+    assert all(r["reason"] for r in failures)
+    for r in results:
+        assert abs(sum(float(r[f"p_{c}"]) for c in ("normal", "pneumonia", "covid")) - 1.0) < 1e-3
+        assert (r["segmented"] == "True") == (r["label"] in ("pneumonia", "covid"))
+        assert (out / "overlays" / (Path(r["file"]).with_suffix("").as_posix() + ".gradcam.png")).is_file()
+        if r["segmented"] == "True":
+            assert r["lung_affected_pct"] != ""  # the lung model gives the share of lung affected
+    html = (out / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"href='([^']+)'", html)
+    assert refs and all((out / ref.replace("%20", " ")).is_file() for ref in refs)
+    assert "Research use only" in html
+
+
+def test_interrupted_run_resumes_to_the_same_result(mixed_folder, light_bundle, seg_model, tmp_path):
+    from ensemble.classifier import load_classifier
+    from pipeline.run import run_pipeline
+    from segmenter.train import load_segmenter
+
+    folder, good, _ = mixed_folder
+    clf = light_bundle
+    full = tmp_path / "full"
+    assert _run(folder, full, clf, seg_model) == 1
+    part = tmp_path / "part"
+    res = run_pipeline(folder, part, classifier=load_classifier(clf), segmenter=load_segmenter(seg_model),
+                       batch_size=4, stop_after=3)
+    assert res.n_done == 3
+    with (part / "results.jsonl").open("ab") as handle:
+        handle.write(b'{"file": "torn')  # a line half-written when the process was killed
+    assert _run(folder, part, clf, seg_model) == 1
+    assert (part / "results.csv").read_text() == (full / "results.csv").read_text()
+    assert (part / "failures.csv").read_text() == (full / "failures.csv").read_text()
+    lines = (part / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(good)  # no duplicate, no torn row
+
+
+def test_out_of_another_run_is_refused(light_bundle, seg_model, tmp_path, capsys):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(xray_like(70, 70, seed=5)))
+    out = tmp_path / "o"
+    assert _run(folder, out, light_bundle, seg_model, "--segment-all") == 0
+    assert _run(folder, out, light_bundle, seg_model) == 2  # different settings, same OUT
+    assert "holds a run with other models or settings" in capsys.readouterr().err
+
+
+def test_bad_model_dir_is_refused_before_reading_images(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "m").mkdir()
+    assert main(["run", str(tmp_path / "imgs"), "--classifier", str(tmp_path / "m"), "--segmenter", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "model.json: missing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
