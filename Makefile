@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cxr data check data/samples --masks data/sample_masks
+	$(BIN)/cxr demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

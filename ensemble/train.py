@@ -175,6 +175,7 @@ def train_classifier(
         validation_data=_with_targets(val_ds, outputs, np.ones_like(cw_vec)),
         epochs=settings.epochs,
         callbacks=callbacks,
+        shuffle=False,  # make_dataset shuffles, seeded per epoch
         verbose=verbose,
     )
     if ckpt.is_file():

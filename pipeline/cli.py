@@ -230,6 +230,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    print("cxr demo: demo models are trained from scratch on a few images and are NOT for diagnosis.")
+    res = run_demo(Path(args.out), cache=Path(args.cache) if args.cache else None, progress=_progress("demo"))
+    print(f"{'trained' if res.trained else 'reused cached'} demo models in {res.models} (data: {res.data_source})")
+    print(f"done in {res.seconds:.0f} s. Open the report: {res.report}")
+    print("Reminder: research use only; these demo weights are not fit for any clinical decision.")
+    return EXIT_OK
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from pipeline.experiments import reproduce
+
+    run = reproduce(args.experiment, args.out, progress=_progress("reproduce"))
+    print((run / "comparison.md").read_text())
+    print(f"run directory: {run}")
+    return EXIT_OK
+
+
 def _existing_dir(value: str) -> str:
     if not Path(value).is_dir():
         raise argparse.ArgumentTypeError(f"{value}: no such folder")
@@ -390,6 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
     rn.add_argument("--batch-size", type=_positive_int, default=8)
     rn.set_defaults(func=_cmd_run)
+
+    dm = sub.add_parser("demo", help="train small demo models (cached) and run the pipeline on the bundled sample")
+    dm.add_argument("--out", default="runs/demo", help="output folder (regenerated), default runs/demo")
+    dm.add_argument("--cache", help="model cache folder (default $CXR_CACHE or ~/.cache/cxr-triage)")
+    dm.set_defaults(func=_cmd_demo)
+
+    rp = sub.add_parser("reproduce", help="run a paper experiment from experiments/*.toml")
+    rp.add_argument("experiment", type=_existing_file)
+    rp.add_argument("--out", help="run directory (default runs/<name>)")
+    rp.set_defaults(func=_cmd_reproduce)
     return parser
 
 
@@ -416,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradcam.imports import AnnotationError
 
         user_errors += (AnnotationError,)
-    if args.command in ("train-classifier", "train-segmenter"):
+    if args.command in ("train-classifier", "train-segmenter", "reproduce", "demo"):
         from ensemble.members import WeightsError
 
         user_errors += (WeightsError,)

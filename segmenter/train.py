@@ -175,7 +175,7 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=settings.reduce_lr_patience, min_lr=1e-7),
         keras.callbacks.CSVLogger(out_dir / "training_log.csv"),
     ]
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks,
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks, shuffle=False,
                      verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
     if ckpt.is_file():
         model.load_weights(ckpt)
