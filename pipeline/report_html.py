@@ -62,9 +62,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
             f"<td data-v='{r[f'p_{c}']}'>{r[f'p_{c}']:.3f} <span class='bar' style='width:{int(60 * r[f'p_{c}'])}px'></span></td>"
             for c in spec.CLASS_NAMES
         )
+        found = r.get("lesions", [])
         lesions = "".join(
-            f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in r.get("lesions", [])
-        )
+            f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in found[:5]
+        ) + (f"<li>… and {len(found) - 5} smaller (results.jsonl)</li>" if len(found) > 5 else "")
         pct = r.get("lung_affected_pct")
         parts.append(
             f"<tr><td>{html.escape(r['file'])}</td><td>{html.escape(r['label'])}</td>{probs}"
