@@ -213,24 +213,28 @@ def load_example(
     size: int,
     mode: str = "stretch",
     clahe: bool = False,
-    mask_kind: str | None = None,
+    mask_kind: str | tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode and preprocess one record → (float32 (size, size, 3), float32 (size, size) mask or None).
+    """Decode and preprocess one record → (float32 (size, size, 3), mask or None).
 
-    Raises ImageReadError naming the image or mask file.
+    The mask is float32 (size, size) in {0, 1} for one kind, (size, size, K) for a tuple of K
+    kinds. Raises ImageReadError naming the image or mask file.
     """
     image = read_image(record.path)
     x, geo = preprocess_image(image, size=size, mode=mode, clahe=clahe)
     if mask_kind is None:
         return x, None
-    mpath = record.masks.get(mask_kind)
-    if mpath is None:
-        raise ImageReadError(record.path, f"no {mask_kind!r} mask paired with this image")
-    try:
-        y = preprocess_mask(read_mask(mpath), geo)
-    except ValueError as err:
-        raise ImageReadError(mpath, str(err)) from None
-    return x, y
+    kinds = (mask_kind,) if isinstance(mask_kind, str) else tuple(mask_kind)
+    channels = []
+    for kind in kinds:
+        mpath = record.masks.get(kind)
+        if mpath is None:
+            raise ImageReadError(record.path, f"no {kind!r} mask paired with this image")
+        try:
+            channels.append(preprocess_mask(read_mask(mpath), geo))
+        except ValueError as err:
+            raise ImageReadError(mpath, str(err)) from None
+    return x, (channels[0] if isinstance(mask_kind, str) else np.stack(channels, axis=-1))
 
 
 def make_dataset(
@@ -243,7 +247,7 @@ def make_dataset(
     shuffle: bool = False,
     augment_params: AugmentParams | None = None,
     seed: int = 0,
-    mask_kind: str | None = None,
+    mask_kind: str | tuple[str, ...] | None = None,
     failures: FailureLog | None = None,
     one_hot: bool = True,
     num_parallel_calls: int | None = None,
@@ -252,7 +256,7 @@ def make_dataset(
 
     Elements: (x float32 (B, size, size, 3) in [0, 255], y) where y is one-hot
     float32 (B, num_classes) for classification, or float32 (B, size, size, 1) in
-    {0, 1} when ``mask_kind`` is set. Files that fail to decode are added to
+    {0, 1} when ``mask_kind`` is set ((B, size, size, K) for a tuple of K kinds). Files that fail to decode are added to
     ``failures`` and skipped. Nothing is held in memory beyond the prefetch buffer.
     Augmentation is seeded per (epoch, example), so a rerun repeats exactly.
     """
@@ -264,6 +268,7 @@ def make_dataset(
         raise DatasetError("classification needs a label for every record; some have none")
     failures = failures if failures is not None else FailureLog()
     paths = [str(r.path) for r in records]
+    mask_shape = (size, size) if mask_kind is None or isinstance(mask_kind, str) else (size, size, len(mask_kind))
     labels = np.array(
         [spec.class_index(r.label) if r.label is not None else -1 for r in records], dtype=np.int32
     )
@@ -285,23 +290,23 @@ def make_dataset(
         except ImageReadError as err:
             failures.add(err.path, err.reason)
             empty = np.zeros((size, size, 3), np.float32)
-            return empty, np.zeros((size, size), np.float32), np.bool_(False)
+            return empty, np.zeros(mask_shape, np.float32), np.bool_(False)
         if augment_params is not None:
-            masks = [y] if y is not None else []
+            masks = [] if y is None else ([y] if y.ndim == 2 else [y[..., k] for k in range(y.shape[-1])])
             x, moved = augment(x, masks, seed=_mix(seed, int(epoch), i), params=augment_params)
-            y = moved[0] if moved else None
-        return x, (y if y is not None else np.zeros((size, size), np.float32)), np.bool_(True)
+            y = None if not moved else (moved[0] if y.ndim == 2 else np.stack(moved, axis=-1))
+        return x, (y if y is not None else np.zeros(mask_shape, np.float32)), np.bool_(True)
 
     def _map(index, epoch):
         x, y, ok = tf.numpy_function(_load, [index, epoch], [tf.float32, tf.float32, tf.bool])
         x.set_shape((size, size, 3))
-        y.set_shape((size, size))
+        y.set_shape(mask_shape)
         ok.set_shape(())
         return index, x, y, ok
 
     def _target(index, x, y, ok):
         if mask_kind is not None:
-            return x, tf.expand_dims(y, -1)
+            return x, (tf.expand_dims(y, -1) if isinstance(mask_kind, str) else y)
         label = tf.gather(labels, index)
         return x, (tf.one_hot(label, spec.NUM_CLASSES) if one_hot else label)
 

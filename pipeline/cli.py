@@ -170,9 +170,11 @@ def _cmd_train_segmenter(args: argparse.Namespace) -> int:
     from pipeline.api import gather_records
     from pipeline.segmenter_jobs import train_segmenter_job
 
-    records = gather_records(args.images, manifest=args.manifest, masks=args.masks, mask_kinds=[args.kind])
+    # Every mask kind is paired: a lung-lesion model needs the lung masks too (the job checks the kinds).
+    records = gather_records(args.images, manifest=args.manifest, masks=args.masks)
     overrides = {"arch": args.arch, "kind": args.kind, "image_size": args.image_size, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed}
+                 "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed,
+                 "classes": args.classes, "loss": "cce_dice" if args.classes == "lung-lesion" else None}
     res = train_segmenter_job(records, args.out, config=args.config, overrides=overrides, splits=args.splits,
                               allow_leaks=args.allow_leaks, progress=_progress("hashing"))
     best = min(res.history.get("val_loss", [float("nan")]))
@@ -373,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--kind", required=True, help="mask kind to learn: infection, opacity, lung, ...")
     ts.add_argument("--out", required=True)
     ts.add_argument("--arch", choices=("unet-densenet121", "fc-densenet103"))
+    ts.add_argument("--classes", choices=("binary", "lung-lesion"),
+                    help="binary lesion head (default) or background/lung/lesion softmax (needs lung masks too)")
     ts.add_argument("--config", type=_existing_file, help="TOML with SegmenterSettings keys (flags override it)")
     ts.add_argument("--image-size", type=_positive_int)
     ts.add_argument("--epochs", type=_positive_int)

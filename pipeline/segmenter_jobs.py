@@ -41,9 +41,13 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     values = read_toml(config) if config is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     settings = build_settings(SegmenterSettings, values, source=str(config or "arguments"))
-    with_mask = [r for r in records if settings.kind in r.masks]
+    missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
+    if missing:
+        raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
+    with_mask = [r for r in records if all(k in r.masks for k in settings.mask_kinds)]
     if len(with_mask) < 3:
-        raise DatasetError(f"only {len(with_mask)} image(s) have a {settings.kind!r} mask; check --masks and --kind")
+        raise DatasetError(f"only {len(with_mask)} image(s) have {' and '.join(settings.mask_kinds)} masks; "
+                           "check --masks and --kind")
     out = prepare_output_dir(out)
     t0 = time.perf_counter()
     assignment = resolve_splits(with_mask, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)

@@ -41,7 +41,14 @@ def focal_tversky_loss(y_true, y_pred, alpha: float = 0.7, gamma: float = 0.75, 
     return ops.mean(ops.power(1.0 - ti, gamma))
 
 
-LOSSES = {"dice": dice_loss, "bce_dice": bce_dice_loss, "focal_tversky": focal_tversky_loss}
+@keras.saving.register_keras_serializable(package="cxr")
+def cce_dice_loss(y_true, y_pred):
+    """Categorical cross-entropy plus soft Dice over all classes (for the softmax heads)."""
+    cce = ops.mean(keras.losses.categorical_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
+    return cce + dice_loss(y_true, y_pred)
+
+
+LOSSES = {"dice": dice_loss, "bce_dice": bce_dice_loss, "focal_tversky": focal_tversky_loss, "cce_dice": cce_dice_loss}
 
 
 def get_loss(name: str):

@@ -28,6 +28,9 @@ from segmenter.unet import build_unet
 
 KIND = "segmenter"
 ARCHS = ("unet-densenet121", "fc-densenet103")
+#: "binary": lesion vs background, sigmoid. "lung-lesion": background / lung / lesion, softmax,
+#: trained from a lung mask and a lesion mask (lesion wins where both are set).
+CLASS_SCHEMES = ("binary", "lung-lesion")
 
 
 @keras.saving.register_keras_serializable(package="cxr")
@@ -49,6 +52,8 @@ class SegmenterSettings:
     clahe: bool = False
     weights: str | None = "imagenet"  # encoder initialisation (U-Net only)
     freeze_encoder: bool = False
+    classes: str = "binary"
+    lung_kind: str = "lung"
     loss: str = "bce_dice"
     learning_rate: float = 1e-4
     batch_size: int = 8
@@ -65,12 +70,24 @@ class SegmenterSettings:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         get_loss(self.loss)
+        if self.classes not in CLASS_SCHEMES:
+            raise ValueError(f"unknown classes {self.classes!r}; valid: {', '.join(CLASS_SCHEMES)}")
+        if self.classes == "lung-lesion" and self.loss != "cce_dice":
+            raise ValueError('classes = "lung-lesion" trains with loss = "cce_dice"')
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be ≥ 1")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.arch == "fc-densenet103" and self.weights not in (None, "none"):
             raise ValueError("fc-densenet103 has no pretrained weights; set weights = \"none\"")
+
+    @property
+    def num_classes(self) -> int:
+        return 1 if self.classes == "binary" else 3
+
+    @property
+    def mask_kinds(self) -> tuple[str, ...]:
+        return (self.kind,) if self.classes == "binary" else (self.lung_kind, self.kind)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,9 +97,9 @@ def build_segmenter(settings: SegmenterSettings) -> keras.Model:
     """The architecture named by ``settings.arch`` with one sigmoid output."""
     if settings.arch == "unet-densenet121":
         weights = None if settings.weights in (None, "none") else settings.weights
-        return build_unet(input_size=settings.image_size, num_classes=1, weights=weights,
+        return build_unet(input_size=settings.image_size, num_classes=settings.num_classes, weights=weights,
                           freeze_encoder=settings.freeze_encoder)
-    return build_fc_densenet103(input_size=settings.image_size, num_classes=1)
+    return build_fc_densenet103(input_size=settings.image_size, num_classes=settings.num_classes)
 
 
 @dataclass
@@ -125,13 +142,21 @@ class Segmenter:
     def checkpoint_sha256(self) -> str:
         return self.sidecar["files"]["model.keras"]
 
+    @property
+    def classes(self) -> str:
+        return self.meta.get("classes", "binary")
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) float32 in [0, 255] → (N, S, S) float32 foreground probabilities."""
+        """(N, S, S, 3) float32 in [0, 255] → (N, S, S) float32 lesion (foreground) probabilities.
+
+        For a "lung-lesion" model this is the lesion channel of its softmax.
+        """
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, spec.CHANNELS):
             raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) float32 in [0, 255], got {x.shape}")
         padded, n = pad_to_bucket(x)  # few traced shapes (see data.stream.pad_to_bucket)
-        return np.asarray(self.model.predict_on_batch(padded))[:n, ..., 0].astype(np.float32)
+        channel = 0 if self.classes == "binary" else 2
+        return np.asarray(self.model.predict_on_batch(padded))[:n, ..., channel].astype(np.float32)
 
 
 def load_segmenter(directory) -> Segmenter:
@@ -141,6 +166,13 @@ def load_segmenter(directory) -> Segmenter:
         if key not in side.get("meta", {}):
             raise BundleError(f"{Path(directory) / 'model.json'}: meta.{key} missing")
     return Segmenter(model, side, Path(directory))
+
+
+def lung_lesion_targets(x, masks):
+    """(x, (B, S, S, 2) lung and lesion masks) → (x, (B, S, S, 3) one-hot background / lung / lesion)."""
+    lung, lesion = masks[..., 0:1], masks[..., 1:2]
+    lung_only = lung * (1.0 - lesion)
+    return x, ops.concatenate([1.0 - ops.maximum(lung, lesion), lung_only, lesion], axis=-1)
 
 
 @dataclass
@@ -155,19 +187,23 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     """Train on records that carry a ``settings.kind`` mask, keep the best val-loss epoch, save."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train = [r for r in train if settings.kind in r.masks]
-    val = [r for r in val if settings.kind in r.masks]
+    train = [r for r in train if all(k in r.masks for k in settings.mask_kinds)]
+    val = [r for r in val if all(k in r.masks for k in settings.mask_kinds)]
     if not train or not val:
-        raise ValueError(f"need {settings.kind!r} masks in both splits; found {len(train)} train, {len(val)} val")
+        raise ValueError(f"need {' and '.join(settings.mask_kinds)} masks in both splits; "
+                         f"found {len(train)} train, {len(val)} val")
     keras.utils.set_random_seed(settings.seed)
     model = build_segmenter(settings)
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=get_loss(settings.loss),
                   metrics=[dice_coefficient], run_eagerly=settings.run_eagerly, jit_compile=False)
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
-                  clahe=settings.clahe, failures=failures, seed=settings.seed, mask_kind=settings.kind)
+                  clahe=settings.clahe, failures=failures, seed=settings.seed,
+                  mask_kind=settings.kind if settings.classes == "binary" else settings.mask_kinds)
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
     val_ds = make_dataset(val, **common)
+    if settings.classes == "lung-lesion":
+        train_ds, val_ds = train_ds.map(lung_lesion_targets), val_ds.map(lung_lesion_targets)
     ckpt = out_dir / "best.weights.h5"
     callbacks = [
         keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True, save_weights_only=True),
@@ -179,7 +215,7 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
                      verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
     if ckpt.is_file():
         model.load_weights(ckpt)
-    meta = {"arch": settings.arch, "kind": settings.kind, "threshold": settings.threshold,
+    meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes, "threshold": settings.threshold,
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from data.bundle import BundleError
+from fakes import png_bytes
+
 from pipeline.cli import main
 
 
@@ -60,3 +62,29 @@ def test_train_segmenter_bad_usage(seg_data, tmp_path, capsys, extra, message):
                  "--out", str(tmp_path / "m"), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_lung_lesion_head_trains_from_two_mask_kinds(seg_data, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from segmenter.train import load_segmenter
+
+    masks = tmp_path / "masks"
+    shutil.copytree(seg_data / "masks", masks)
+    (masks / "lung").mkdir()
+    for p in (masks / "lesion").iterdir():  # a lung field around every lesion
+        m = np.zeros((72, 64), np.uint8)
+        m[4:68, 4:60] = 255
+        (masks / "lung" / p.name).write_bytes(png_bytes(m))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('arch = "fc-densenet103"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
+                   'run_eagerly = true\n')
+    out = tmp_path / "m"
+    assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(masks), "--kind", "lesion",
+                 "--classes", "lung-lesion", "--out", str(out), "--config", str(cfg)]) == 0
+    seg = load_segmenter(out)
+    assert seg.classes == "lung-lesion" and seg.model.output.shape[-1] == 3
+    probs = seg.predict(np.full((2, 64, 64, 3), 120.0, np.float32))
+    assert probs.shape == (2, 64, 64) and 0.0 <= probs.min() and probs.max() <= 1.0

@@ -55,3 +55,16 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(builder):
     for _ in range(4):
         last = float(model.train_on_batch(x, y))
     assert np.isfinite(first) and last < first
+
+
+def test_lung_lesion_targets_one_hot_with_lesion_winning():
+    import numpy as np
+
+    from segmenter.train import lung_lesion_targets
+
+    lung = np.array([[1, 1, 0, 0]], np.float32)
+    lesion = np.array([[0, 1, 1, 0]], np.float32)  # one lesion pixel outside the lung
+    _, y = lung_lesion_targets(None, np.stack([lung, lesion], axis=-1)[None])
+    y = np.asarray(y)[0]
+    np.testing.assert_array_equal(y.sum(-1), 1.0)
+    np.testing.assert_array_equal(y.argmax(-1), [[1, 2, 2, 0]])
