@@ -94,7 +94,7 @@ def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str
     kwargs = {"include_top": False, "weights": weights, "input_shape": input_shape}
     try:
         backbone = ms.constructor(**kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # Keras reports a failed download as a bare Exception("URL fetch failure ...")
         if weights == "imagenet":
             raise WeightsError(
                 f"could not get ImageNet weights for {name} ({err}); on an offline machine copy "

@@ -70,6 +70,7 @@ class ClassifierSettings:
         d = dataclasses.asdict(self)
         d["members"] = list(self.members)
         d["member_weights"] = list(self.member_weights) if self.member_weights else None
+        d["weights"] = "none" if self.weights is None else self.weights  # None would read back as the default
         return d
 
 

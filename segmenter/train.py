@@ -90,7 +90,9 @@ class SegmenterSettings:
         return (self.kind,) if self.classes == "binary" else (self.lung_kind, self.kind)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["weights"] = "none" if self.weights is None else self.weights  # None would read back as the default
+        return d
 
 
 def build_segmenter(settings: SegmenterSettings) -> keras.Model:

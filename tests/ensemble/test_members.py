@@ -105,3 +105,14 @@ def test_softvote_is_weighted_mean_of_members():
 
 def test_parse_members_keeps_order():
     assert parse_members("VGG19, densenet121") == ("vgg19", "densenet121")
+
+
+def test_failed_imagenet_download_is_a_weights_error_with_the_fix(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(WeightsError, match=r"efficientnetb0.*~/.keras/models/.*weights='none'"):
+        build_member("efficientnetb0", weights="imagenet", input_shape=(64, 64, 3))

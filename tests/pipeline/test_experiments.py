@@ -75,3 +75,17 @@ def test_dev_quick_protocol(shared_cxr, tmp_path, capsys):
     with capsys.disabled():
         print(f"\n[slow] dev_quick took {time.perf_counter() - t0:.0f} s\n" + (run / "comparison.md").read_text())
     assert "## Classification" in (run / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_settings_survive_the_round_trip_reproduce_makes(path):
+    """reproduce hands to_dict() to the jobs as overrides: weights = "none" must not turn into the default."""
+    from ensemble.train import ClassifierSettings
+    from pipeline.config import build_settings
+    from segmenter.train import SegmenterSettings
+
+    _, clf, seg = load_experiment(path)
+    for settings, cls in ((clf, ClassifierSettings), (seg, SegmenterSettings)):
+        if settings is not None:
+            values = {k: v for k, v in settings.to_dict().items() if v is not None}
+            assert build_settings(cls, values) == settings
