@@ -114,7 +114,6 @@ def run_pipeline(
     after that many newly finished images (used to test resuming).
     """
     from pipeline.report_html import write_report
-    from pipeline.segmenter_jobs import segment_image
 
     image_dir, out = Path(image_dir), Path(out)
     identity = {
@@ -139,41 +138,27 @@ def run_pipeline(
             for path, reason in failures.items[logged_failures:]:
                 failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
             logged_failures = len(failures.items)
-            pred = classifier.predict(batch.x)
-            cls = pred.probs.argmax(axis=1)
-            _, fused = member_heatmaps(pred.features, heads, cls, member_weights=classifier.member_weights,
-                                       size=classifier.image_size)
-            flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
-            seg_out = _segment(flagged, batch, segmenter, lung_model, segment_image)
-            for j, path in enumerate(batch.paths):
+            analyses = analyse_batch(batch.x, batch.originals, batch.geometries, classifier=classifier,
+                                     heads=heads, segmenter=segmenter, lung_model=lung_model, segment_all=segment_all)
+            for j, (path, a) in enumerate(zip(batch.paths, analyses)):
                 rel = path.relative_to(image_dir).as_posix()
                 stem = Path(rel).with_suffix("")
-                heat = np.clip(batch.geometries[j].to_original(fused[j]), 0.0, 1.0)
                 gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
-                _atomic_png(gradcam_png, overlay(batch.originals[j], heat))
+                _atomic_png(gradcam_png, overlay(batch.originals[j], a.heat))
                 row: dict[str, Any] = {
                     "file": rel,
-                    "label": spec.CLASS_NAMES[int(cls[j])],
-                    **{f"p_{c}": round(float(pred.probs[j, k]), 6) for k, c in enumerate(spec.CLASS_NAMES)},
-                    "confidence": round(float(pred.probs[j].max()), 6),
-                    "segmented": j in seg_out,
-                    "lesion_count": 0, "lesion_area_px": 0, "lung_affected_pct": None, "lesions": [],
+                    "label": a.label,
+                    **{f"p_{c}": p for c, p in a.probabilities.items()},
+                    "confidence": a.confidence,
+                    **a.stage2_fields(),
                     "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
                 }
-                if j in seg_out:
-                    res = seg_out[j]
+                if a.seg is not None:
                     mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
-                    _atomic_png(mask_png, res.mask.astype(np.uint8) * 255)
-                    _atomic_png(mask_overlay_png, mask_overlay(batch.originals[j], res.mask))
-                    row.update(
-                        lesion_count=len(res.lesions),
-                        lesion_area_px=int(sum(les.area_px for les in res.lesions)),
-                        lung_affected_pct=None if res.lung_affected_pct is None else round(res.lung_affected_pct, 3),
-                        lesions=[{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
-                                  "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
-                        mask=mask_png.relative_to(out).as_posix(),
-                        mask_overlay=mask_overlay_png.relative_to(out).as_posix(),
-                    )
+                    _atomic_png(mask_png, a.seg.mask.astype(np.uint8) * 255)
+                    _atomic_png(mask_overlay_png, mask_overlay(batch.originals[j], a.seg.mask))
+                    row.update(mask=mask_png.relative_to(out).as_posix(),
+                               mask_overlay=mask_overlay_png.relative_to(out).as_posix())
                 results.append(row)
                 n_done += 1
                 if stop_after is not None and n_done >= stop_after:
@@ -197,16 +182,73 @@ class _Stop(Exception):
     """Internal: ends a run early (``stop_after``)."""
 
 
-def _segment(flagged: list[int], batch, segmenter, lung_model, segment_image) -> dict[int, Any]:
+@dataclass
+class ImageAnalysis:
+    """Both stages' answer for one image, at the image's original size."""
+
+    probs: np.ndarray  # (num_classes,) in spec.CLASS_NAMES order
+    heat: np.ndarray  # fused Grad-CAM, float32 (H, W) in [0, 1]
+    seg: Any  # SegmentedImage, or None when stage 2 did not run
+
+    @property
+    def label(self) -> str:
+        return spec.CLASS_NAMES[int(self.probs.argmax())]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {c: round(float(self.probs[k]), 6) for k, c in enumerate(spec.CLASS_NAMES)}
+
+    @property
+    def confidence(self) -> float:
+        return round(float(self.probs.max()), 6)
+
+    def stage2_fields(self) -> dict[str, Any]:
+        """segmented, lesion_count, lesion_area_px, lung_affected_pct and lesions (box, area, score)."""
+        if self.seg is None:
+            return {"segmented": False, "lesion_count": 0, "lesion_area_px": 0, "lung_affected_pct": None,
+                    "lesions": []}
+        res = self.seg
+        return {
+            "segmented": True,
+            "lesion_count": len(res.lesions),
+            "lesion_area_px": int(sum(les.area_px for les in res.lesions)),
+            "lung_affected_pct": None if res.lung_affected_pct is None else round(res.lung_affected_pct, 3),
+            "lesions": [{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
+                         "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
+        }
+
+
+def analyse_batch(x: np.ndarray, originals, geometries, *, classifier, segmenter, lung_model=None,
+                  segment_all: bool = False, heads=None) -> list[ImageAnalysis]:
+    """Stage 1 with every member's Grad-CAM from one pass, then stage 2 on the flagged images.
+
+    ``x`` is the classifier's (N, S, S, 3) batch, ``originals`` the decoded images at their own
+    size (float32 RGB in [0, 255]) and ``geometries`` how ``x`` was made from them. Used by
+    ``cxr run`` and ``cxr serve`` alike.
+    """
+    heads = heads if heads is not None else classifier.head_weights()
+    pred = classifier.predict(x)
+    cls = pred.probs.argmax(axis=1)
+    _, fused = member_heatmaps(pred.features, heads, cls, member_weights=classifier.member_weights,
+                               size=classifier.image_size)
+    flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
+    seg_out = _segment(flagged, originals, segmenter, lung_model)
+    return [ImageAnalysis(pred.probs[j], np.clip(geometries[j].to_original(fused[j]), 0.0, 1.0), seg_out.get(j))
+            for j in range(len(x))]
+
+
+def _segment(flagged: list[int], originals, segmenter, lung_model) -> dict[int, Any]:
     """Stage 2 for the flagged rows of a batch, at each image's original size."""
+    from pipeline.segmenter_jobs import segment_image
+
     if not flagged:
         return {}
-    xs, geos = zip(*[preprocess_image(batch.originals[j], size=segmenter.image_size, mode=segmenter.resize_mode,
+    xs, geos = zip(*[preprocess_image(originals[j], size=segmenter.image_size, mode=segmenter.resize_mode,
                                       clahe=segmenter.clahe) for j in flagged])
     probs = segmenter.predict(np.stack(xs))
     lungs = None
     if lung_model is not None:
-        lx, lgeos = zip(*[preprocess_image(batch.originals[j], size=lung_model.image_size, mode=lung_model.resize_mode,
+        lx, lgeos = zip(*[preprocess_image(originals[j], size=lung_model.image_size, mode=lung_model.resize_mode,
                                            clahe=lung_model.clahe) for j in flagged])
         lungs = [np.clip(g.to_original(p), 0, 1) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
     out = {}
