@@ -13,6 +13,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# Reference Label Studio brush codec for tests only; its own deps (nltk, ...) are not needed by brush.py.
 	$(BIN)/python -m pip install --quiet --no-deps "label-studio-converter==0.0.59"
+	# The browser test of `cxr serve` drives Debian's Chromium through Playwright (no browser download).
+	# Installed here where apt-get can (CI runs as root); elsewhere that test skips and says why.
+	-@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -232,6 +232,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ensemble.classifier import load_classifier
+    from pipeline.serve import ServeSettings, serve
+    from segmenter.train import load_segmenter
+
+    classifier = load_classifier(args.classifier)  # checked before the server starts
+    segmenter = load_segmenter(args.segmenter)
+    lung = load_segmenter(args.lung_model) if args.lung_model else None
+    settings = ServeSettings(max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_batch=args.max_batch,
+                             segment_all=args.segment_all)
+    print(f"cxr serve: http://{args.host}:{args.port}/ (API docs at /docs). Research use only; not for diagnosis.")
+    serve(classifier, segmenter, lung, host=args.host, port=args.port, settings=settings)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -414,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
     rn.add_argument("--batch-size", type=_positive_int, default=8)
     rn.set_defaults(func=_cmd_run)
+
+    sv = sub.add_parser("serve", help="web API (POST /v1/predict, OpenAPI at /docs) and an upload page at /")
+    sv.add_argument("--classifier", required=True, type=_existing_dir)
+    sv.add_argument("--segmenter", required=True, type=_existing_dir)
+    sv.add_argument("--lung-model", type=_existing_dir, help="lung-field segmenter for the share of lung affected")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--max-upload-mb", type=_positive_int, default=64, help="larger uploads get 413 (default 64)")
+    sv.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests analysed together")
+    sv.add_argument("--segment-all", action="store_true", help="segment every upload, not only pneumonia/covid")
+    sv.set_defaults(func=_cmd_serve)
 
     dm = sub.add_parser("demo", help="train small demo models (cached) and run the pipeline on the bundled sample")
     dm.add_argument("--out", default="runs/demo", help="output folder (regenerated), default runs/demo")

@@ -1,0 +1,283 @@
+"""`cxr serve`: the two-stage pipeline behind a web API and an upload page (FastAPI + uvicorn).
+
+- Models load once. One worker thread owns them: requests queue up and are analysed in
+  batches of up to ``max_batch`` (waiting at most ``max_wait_ms`` for company), so concurrent
+  users neither corrupt each other nor each pay for a separate pass. The analysis is
+  :func:`pipeline.run.analyse_batch`, the same code ``cxr run`` uses.
+- Uploads are judged by their bytes, never by name or declared type: over ``max_upload_bytes``
+  → 413 (FastAPI's ``max_body_size``: from the Content-Length, or counted as the body streams in); not PNG, JPEG,
+  BMP, TIFF or DICOM by content → 415; decodable format but a broken or refused image → 422.
+- Nothing from the client is used on disk: results (overlay and mask PNGs) live in memory
+  under a 256-bit random token, expire after ``result_ttl_s`` and are capped in number.
+- DICOM patient tags are never read into the response (data.io decodes pixels only), and the
+  client's file name is not echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from data import spec
+from data.io import ImageReadError, decode_image, sniff_format
+from data.preprocess import preprocess_image, to_rgb_float
+from gradcam.masks import mask_overlay, overlay
+from pipeline import serve_schema as schema
+from pipeline.run import ImageAnalysis, analyse_batch
+from pipeline.serve_page import UPLOAD_PAGE
+
+RESULT_FILES = ("gradcam.png", "mask.png", "mask_overlay.png")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_upload_bytes: int = 64 * 1024 * 1024  # DICOM files of full-size detectors reach tens of MB
+    max_batch: int = 8
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
+    max_queue: int = 64  # requests waiting beyond this get 503 (retry later)
+    segment_all: bool = False  # stage 2 on every image (audits), not only pneumonia/covid
+    result_ttl_s: float = 3600.0
+    max_results: int = 128  # results kept in memory; the oldest go first
+
+
+class Busy(Exception):
+    """The analysis queue is full."""
+
+
+@dataclass
+class _Job:
+    x: np.ndarray
+    original: np.ndarray
+    geometry: Any
+    future: Future
+
+
+class Engine:
+    """Owns the models; analyses queued images in batches on one worker thread."""
+
+    def __init__(self, classifier, segmenter, lung_model=None, *, settings: ServeSettings = ServeSettings()) -> None:
+        self.classifier, self.segmenter, self.lung_model = classifier, segmenter, lung_model
+        self.settings = settings
+        self.heads = classifier.head_weights()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="cxr-serve-engine", daemon=True)
+        self.batches: list[int] = []  # sizes of the batches run, for tests and /v1/health
+        self._thread.start()
+
+    def submit(self, image: np.ndarray) -> Future:
+        """Queue a decoded image (data.io array); the future resolves to an ImageAnalysis."""
+        if self._queue.qsize() >= self.settings.max_queue:
+            raise Busy(f"{self._queue.qsize()} images are waiting; retry shortly")
+        x, geo = preprocess_image(image, size=self.classifier.image_size, mode=self.classifier.resize_mode,
+                                  clahe=self.classifier.clahe)
+        job = _Job(x, to_rgb_float(image), geo, Future())
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+            while len(jobs) < self.settings.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                jobs.append(nxt)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            analyses = analyse_batch(np.stack([j.x for j in jobs]), [j.original for j in jobs],
+                                     [j.geometry for j in jobs], classifier=self.classifier, heads=self.heads,
+                                     segmenter=self.segmenter, lung_model=self.lung_model,
+                                     segment_all=self.settings.segment_all)
+        except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
+            for j in jobs:
+                j.future.set_exception(err)
+            return
+        self.batches.append(len(jobs))
+        for j, a in zip(jobs, analyses):
+            j.future.set_result((a, j.original))
+
+
+class ResultStore:
+    """In-memory PNGs per request under unguessable tokens; bounded in count and age."""
+
+    def __init__(self, *, ttl_s: float, max_items: int) -> None:
+        self.ttl_s, self.max_items = ttl_s, max_items
+        self._items: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, files: dict[str, bytes]) -> str:
+        token = secrets.token_urlsafe(32)  # 256 bits: ids cannot be guessed or enumerated
+        with self._lock:
+            self._expire()
+            self._items[token] = (time.monotonic(), files)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return token
+
+    def get(self, token: str, name: str) -> bytes | None:
+        with self._lock:
+            self._expire()
+            item = self._items.get(token)
+        return None if item is None else item[1].get(name)
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        while self._items and next(iter(self._items.values()))[0] < cutoff:
+            self._items.popitem(last=False)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise RuntimeError("could not encode PNG")
+    return buf.tobytes()
+
+
+def render_files(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, bytes]:
+    """The overlay (and, when segmented, mask and mask overlay) PNGs of one analysed image."""
+    files = {"gradcam.png": _png(overlay(original, analysis.heat))}
+    if analysis.seg is not None:
+        files["mask.png"] = _png(analysis.seg.mask.astype(np.uint8) * 255)
+        files["mask_overlay.png"] = _png(mask_overlay(original, analysis.seg.mask))
+    return files
+
+
+def check_upload(data: bytes, max_pixels: int = spec.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The decoded image; UploadRejected 415 for content in no supported format, 422 for a broken one."""
+    if not data:
+        raise UploadRejected(422, "cannot use this image: empty file (0 bytes)")
+    if sniff_format(data[:132]) is None:
+        raise UploadRejected(415, "not an image: the content is not PNG, JPEG, BMP, TIFF or DICOM "
+                                  "(judged by the bytes; the file name and declared type are not used)")
+    try:
+        return decode_image(data, name="upload", max_pixels=max_pixels)
+    except ImageReadError as err:
+        raise UploadRejected(422, f"cannot use this image: {err.reason}") from None
+
+
+class UploadRejected(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSettings = ServeSettings()):
+    """The FastAPI application (models already loaded and checked)."""
+    engine = Engine(classifier, segmenter, lung_model, settings=settings)
+    store = ResultStore(ttl_s=settings.result_ttl_s, max_items=settings.max_results)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    # FastAPI's own limit: 413 from the declared Content-Length, and while a body without one streams in.
+    app = FastAPI(title="cxr-triage", version=_version(), lifespan=lifespan, max_body_size=settings.max_upload_bytes,
+                  description="Chest X-ray triage research pipeline: classification with Grad-CAM, then lesion "
+                              "segmentation of images flagged pneumonia or COVID. Research use only; not for diagnosis.")
+    app.state.engine, app.state.store = engine, store
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return UPLOAD_PAGE
+
+    @app.get("/v1/health", response_model=schema.Health)
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "classes": list(spec.CLASS_NAMES),
+            "segment_classes": sorted(spec.SEGMENT_CLASSES),
+            "models": {"classifier": classifier.checkpoint_sha256, "segmenter": segmenter.checkpoint_sha256,
+                       "lung_model": lung_model.checkpoint_sha256 if lung_model else None},
+            "queued": engine._queue.qsize(),
+            "max_upload_bytes": settings.max_upload_bytes,
+        }
+
+    @app.post("/v1/predict", response_model=schema.Prediction,
+              responses={413: {"model": schema.Error}, 415: {"model": schema.Error}, 422: {"model": schema.Error},
+                         503: {"model": schema.Error}})
+    async def predict(file: UploadFile = File(..., description="PNG, JPEG, BMP, TIFF or DICOM")) -> dict[str, Any]:
+        data = await file.read()
+        await file.close()
+        try:
+            image = await run_in_threadpool(check_upload, data)
+        except UploadRejected as err:
+            raise HTTPException(err.status, err.reason) from None
+        try:
+            future = engine.submit(image)
+        except Busy as err:
+            raise HTTPException(503, f"server busy: {err}") from None
+        analysis, original = await asyncio.wrap_future(future)
+        files = await run_in_threadpool(render_files, analysis, original)
+        token = store.put(files)
+        base = f"/v1/results/{token}"
+        return {
+            "label": analysis.label,
+            "probabilities": analysis.probabilities,
+            "confidence": analysis.confidence,
+            **analysis.stage2_fields(),
+            "width": int(original.shape[1]),
+            "height": int(original.shape[0]),
+            "urls": {name.removesuffix(".png"): f"{base}/{name}" for name in files},
+            "note": "research use only; not for diagnosis",
+        }
+
+    @app.get("/v1/results/{token}/{name}", responses={200: {"content": {"image/png": {}}}, 404: {"model": schema.Error}})
+    def result_file(token: str, name: str) -> Response:
+        body = store.get(token, name) if name in RESULT_FILES else None
+        if body is None:
+            raise HTTPException(404, "no such result (results expire, and ids are per request)")
+        return Response(body, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+
+    @app.middleware("http")
+    async def security_headers(request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    return app
+
+
+def _version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+def serve(classifier, segmenter, lung_model=None, *, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServeSettings = ServeSettings()) -> None:
+    """Run the server until interrupted (one process: the models are loaded once)."""
+    import uvicorn
+
+    uvicorn.run(create_app(classifier, segmenter, lung_model, settings=settings), host=host, port=port,
+                log_level="info", workers=1)
