@@ -16,6 +16,7 @@ import numpy as np
 
 from data import spec
 from data.bundle import BundleError, load_bundle, save_bundle
+from data.export import select_engine
 from data.stream import pad_to_bucket
 from ensemble import ensemble as _ensemble  # noqa: F401  (registers the custom layers for loading)
 from ensemble import members as _members  # noqa: F401
@@ -46,6 +47,15 @@ class Classifier:
     model: Any
     sidecar: dict[str, Any]
     path: Path
+    onnx: Any = None  # data.export.OnnxForward once use_engine("onnx") was called
+
+    @property
+    def engine(self) -> str:
+        return "keras" if self.onnx is None else "onnx"
+
+    def use_engine(self, engine: str, *, threads: int | None = None) -> None:
+        """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
+        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -91,10 +101,13 @@ class Classifier:
             raise ValueError(
                 f"expected (N, {self.image_size}, {self.image_size}, {spec.CHANNELS}) float32 in [0, 255], got {x.shape}"
             )
-        # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape:
-        # padding to power-of-two buckets keeps the number of traces small.
-        padded, n = pad_to_bucket(x)
-        out = {k: np.asarray(v)[:n] for k, v in self.model.predict_on_batch(padded).items()}
+        if self.onnx is not None:
+            out = self.onnx(x)  # ONNX Runtime takes any batch size without retracing
+        else:
+            # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape:
+            # padding to power-of-two buckets keeps the number of traces small.
+            padded, n = pad_to_bucket(x)
+            out = {k: np.asarray(v)[:n] for k, v in self.model.predict_on_batch(padded).items()}
         raw = out["probs"].astype(np.float32)
         return Prediction(
             probs=apply_temperature(raw, self.temperature),

@@ -19,6 +19,7 @@ import numpy as np
 from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
+from data.tf_setup import configure_graph_training
 from ensemble.calibration import fit_temperature
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
@@ -149,6 +150,8 @@ def train_classifier(
     # A training view over the same layers exposing only the outputs that carry a loss;
     # the saved model keeps all outputs (features for Grad-CAM, member probabilities).
     trainer = keras.Model(model.input, {name: model.output[name] for name in outputs}, name="trainer")
+    if not settings.run_eagerly:
+        configure_graph_training()
     trainer.compile(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss={name: "categorical_crossentropy" for name in outputs},

@@ -217,14 +217,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ensemble.classifier import load_classifier
     from pipeline.run import run_pipeline
-    from segmenter.train import load_segmenter
 
     # Models and their sidecars are checked before any image is read.
-    classifier = load_classifier(args.classifier)
-    segmenter = load_segmenter(args.segmenter)
-    lung = load_segmenter(args.lung_model) if args.lung_model else None
+    classifier, segmenter, lung = _load_models(args)
     res = run_pipeline(args.dir, args.out, classifier=classifier, segmenter=segmenter, lung_model=lung,
                        segment_all=args.segment_all, batch_size=args.batch_size, progress=_progress("run"))
     print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
@@ -232,14 +228,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _load_models(args: argparse.Namespace):
+    """(classifier, segmenter, lung model or None), loaded, checked and on the chosen engine."""
     from ensemble.classifier import load_classifier
-    from pipeline.serve import ServeSettings, serve
     from segmenter.train import load_segmenter
 
-    classifier = load_classifier(args.classifier)  # checked before the server starts
+    classifier = load_classifier(args.classifier)
     segmenter = load_segmenter(args.segmenter)
     lung = load_segmenter(args.lung_model) if args.lung_model else None
+    for model in (classifier, segmenter, lung):
+        if model is not None:
+            model.use_engine(args.engine)
+    return classifier, segmenter, lung
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export_jobs import export_model
+
+    out = export_model(args.model, args.format)
+    print(f"exported {out}")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import ServeSettings, serve
+
+    classifier, segmenter, lung = _load_models(args)  # checked before the server starts
     settings = ServeSettings(max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_batch=args.max_batch,
                              segment_all=args.segment_all)
     print(f"cxr serve: http://{args.host}:{args.port}/ (API docs at /docs). Research use only; not for diagnosis.")
@@ -428,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", required=True)
     rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
     rn.add_argument("--batch-size", type=_positive_int, default=8)
+    _engine_arg(rn)
     rn.set_defaults(func=_cmd_run)
 
     sv = sub.add_parser("serve", help="web API (POST /v1/predict, OpenAPI at /docs) and an upload page at /")
@@ -439,7 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=_positive_int, default=64, help="larger uploads get 413 (default 64)")
     sv.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests analysed together")
     sv.add_argument("--segment-all", action="store_true", help="segment every upload, not only pneumonia/covid")
+    _engine_arg(sv)
     sv.set_defaults(func=_cmd_serve)
+
+    ex = sub.add_parser("export", help="export a classifier or segmenter bundle (ONNX, checked against Keras)")
+    ex.add_argument("--model", required=True, type=_existing_dir)
+    ex.add_argument("--format", choices=("onnx", "savedmodel"), default="onnx")
+    ex.set_defaults(func=_cmd_export)
 
     dm = sub.add_parser("demo", help="train small demo models (cached) and run the pipeline on the bundled sample")
     dm.add_argument("--out", default="runs/demo", help="output folder (regenerated), default runs/demo")
@@ -451,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="run directory (default runs/<name>)")
     rp.set_defaults(func=_cmd_reproduce)
     return parser
+
+
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("keras", "onnx"), default="keras",
+                   help="keras (default) or onnx: ONNX Runtime, exported next to each model on first use "
+                        "(model.onnx, checked against Keras and by sha256)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -476,6 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradcam.imports import AnnotationError
 
         user_errors += (AnnotationError,)
+    if args.command in ("run", "serve", "export"):
+        from data.export import ExportError
+
+        user_errors += (ExportError,)
     if args.command in ("train-classifier", "train-segmenter", "reproduce", "demo"):
         from ensemble.members import WeightsError
 

@@ -20,7 +20,9 @@ from data import spec
 from data.augment import AugmentParams
 from data.bundle import BundleError, load_bundle, save_bundle
 from data.datasets import FailureLog, Record, make_dataset
+from data.export import select_engine
 from data.stream import pad_to_bucket
+from data.tf_setup import configure_graph_training
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
@@ -111,6 +113,15 @@ class Segmenter:
     model: Any
     sidecar: dict[str, Any]
     path: Path
+    onnx: Any = None  # data.export.OnnxForward once use_engine("onnx") was called
+
+    @property
+    def engine(self) -> str:
+        return "keras" if self.onnx is None else "onnx"
+
+    def use_engine(self, engine: str, *, threads: int | None = None) -> None:
+        """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
+        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -156,8 +167,10 @@ class Segmenter:
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, spec.CHANNELS):
             raise ValueError(f"expected (N, {self.image_size}, {self.image_size}, 3) float32 in [0, 255], got {x.shape}")
-        padded, n = pad_to_bucket(x)  # few traced shapes (see data.stream.pad_to_bucket)
         channel = 0 if self.classes == "binary" else 2
+        if self.onnx is not None:
+            return next(iter(self.onnx(x).values()))[..., channel].astype(np.float32)
+        padded, n = pad_to_bucket(x)  # few traced shapes (see data.stream.pad_to_bucket)
         return np.asarray(self.model.predict_on_batch(padded))[:n, ..., channel].astype(np.float32)
 
 
@@ -196,6 +209,8 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
                          f"found {len(train)} train, {len(val)} val")
     keras.utils.set_random_seed(settings.seed)
     model = build_segmenter(settings)
+    if not settings.run_eagerly:
+        configure_graph_training()
     model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=get_loss(settings.loss),
                   metrics=[dice_coefficient], run_eagerly=settings.run_eagerly, jit_compile=False)
     failures = FailureLog()

@@ -105,3 +105,26 @@ def test_class_weights():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClassifierSettings(**kwargs)
+
+
+@pytest.mark.slow
+def test_graph_mode_ensemble_trains_past_the_first_epoch(tiny_records, tmp_path):
+    """`make test-slow` (~2 min): 3 members, graph mode, a partial last batch, 3 epochs.
+
+    Without data.tf_setup.configure_graph_training this failed at epoch 2 with
+    AlreadyExistsError (Grappler AddOpsRewrite temporary variable left by the end-of-data step).
+    """
+    from ensemble.train import train_classifier
+
+    settings = ClassifierSettings(members=("densenet121", "efficientnetb0", "vgg19"), image_size=64, weights=None,
+                                  epochs=3, batch_size=4, run_eagerly=False)
+    train, val = tiny_records[:9], tiny_records[9:]  # 9 = 2 full batches of 4 + a partial one, as on real folders
+    result = train_classifier(settings, train, val, tmp_path / "m", verbose=0)
+    assert len(result.history["loss"]) == 3
+
+
+def test_graph_training_turns_off_the_arithmetic_optimizer():
+    from data.tf_setup import configure_graph_training
+
+    configure_graph_training()
+    assert tf.config.optimizer.get_experimental_options()["arithmetic_optimization"] is False

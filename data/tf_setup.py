@@ -1,0 +1,23 @@
+"""TensorFlow settings that graph-mode training needs (one place; both trainers call it)."""
+
+from __future__ import annotations
+
+
+def configure_graph_training() -> None:
+    """Turn off Grappler's arithmetic optimizer for this process.
+
+    Its AddOpsRewrite turns the sum of several losses (the ensemble's one loss per member)
+    into an accumulator backed by a per-step temporary variable. Keras ends every epoch of a
+    dataset of unknown length (unreadable files are filtered out while streaming) with an
+    end-of-data error inside the step, which leaves that variable behind; the next epoch's
+    first step then fails with ``AlreadyExistsError: Resource __per_step_0/.../AddOpsRewrite_add_N/
+    tmp_var``. Seen here with TF 2.21 on the 3-member ensemble at epoch 2 (tensorflow#23780 is
+    the long-open report). Eager runs never use Grappler and are unaffected.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
