@@ -194,3 +194,17 @@ def select_engine(engine: str, directory: str | os.PathLike[str], model, *, imag
     if engine == "keras":
         return None
     return ensure_onnx(directory, model, image_size=image_size, threads=threads)
+
+
+class EngineChoice:
+    """Mixin for loaded bundles (``path``, ``model``, ``image_size``, ``onnx`` attributes): the engine switch."""
+
+    onnx: OnnxForward | None
+
+    @property
+    def engine(self) -> str:
+        return "keras" if self.onnx is None else "onnx"
+
+    def use_engine(self, engine: str, *, threads: int | None = None) -> None:
+        """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
+        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)

@@ -16,7 +16,7 @@ import numpy as np
 
 from data import spec
 from data.bundle import BundleError, load_bundle, save_bundle
-from data.export import select_engine
+from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from ensemble import ensemble as _ensemble  # noqa: F401  (registers the custom layers for loading)
 from ensemble import members as _members  # noqa: F401
@@ -41,21 +41,13 @@ class Prediction:
 
 
 @dataclass
-class Classifier:
+class Classifier(EngineChoice):
     """A loaded classifier bundle."""
 
     model: Any
     sidecar: dict[str, Any]
     path: Path
     onnx: Any = None  # data.export.OnnxForward once use_engine("onnx") was called
-
-    @property
-    def engine(self) -> str:
-        return "keras" if self.onnx is None else "onnx"
-
-    def use_engine(self, engine: str, *, threads: int | None = None) -> None:
-        """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
-        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)
 
     @property
     def members(self) -> tuple[str, ...]:

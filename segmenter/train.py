@@ -20,7 +20,7 @@ from data import spec
 from data.augment import AugmentParams
 from data.bundle import BundleError, load_bundle, save_bundle
 from data.datasets import FailureLog, Record, make_dataset
-from data.export import select_engine
+from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from data.tf_setup import configure_graph_training
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
@@ -107,21 +107,13 @@ def build_segmenter(settings: SegmenterSettings) -> keras.Model:
 
 
 @dataclass
-class Segmenter:
+class Segmenter(EngineChoice):
     """A loaded segmenter bundle."""
 
     model: Any
     sidecar: dict[str, Any]
     path: Path
     onnx: Any = None  # data.export.OnnxForward once use_engine("onnx") was called
-
-    @property
-    def engine(self) -> str:
-        return "keras" if self.onnx is None else "onnx"
-
-    def use_engine(self, engine: str, *, threads: int | None = None) -> None:
-        """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
-        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)
 
     @property
     def meta(self) -> dict[str, Any]:
