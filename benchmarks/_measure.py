@@ -48,6 +48,17 @@ def model_flops(model) -> float:
     return total
 
 
+def median_rate(fn, n_images: int, repeats: int = 3) -> float:
+    """Images/second of one call of ``fn`` (processing ``n_images``): warm-up, then the median of ``repeats``."""
+    fn()  # warm-up (tracing, session start)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n_images / statistics.median(times)
+
+
 def time_call(fn, repeats: int, n_images: int, min_seconds: float = 1.0) -> float:
     """Median images/second of ``fn`` (each call processes ``n_images``)."""
     fn()  # warm-up (tracing)

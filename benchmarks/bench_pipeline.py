@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _measure import matmul_gflops, model_flops  # noqa: E402
+from _measure import matmul_gflops, median_rate as rate, model_flops  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 
@@ -124,15 +124,6 @@ def main() -> int:
     x = np.random.default_rng(0).uniform(0, 255, (4 * args.batch, args.size, args.size, 3)).astype(np.float32)
     batches = [x[i : i + args.batch] for i in range(0, len(x), args.batch)]
     heads = clf.head_weights()
-
-    def rate(fn, n: int, repeats: int = 3) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return n / sorted(times)[len(times) // 2]
 
     res["keras_predict_img_s"] = rate(lambda: keras_clf.model.predict(x, batch_size=args.batch, verbose=0), len(x))
     res["cls_img_s"] = rate(lambda: [clf.predict(b) for b in batches], len(x))

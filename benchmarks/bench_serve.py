@@ -94,7 +94,7 @@ def main() -> int:
             wall = time.perf_counter() - t0
         server.should_exit = True
         thread.join(timeout=30)
-        timed_batches = app.state.engine.batches[n_batches:]
+        timed_batches = list(app.state.engine.batches)[n_batches:]
         rows.append({
             "max_batch": max_batch,
             "seq_p50": _pct(sequential, 50), "seq_p95": _pct(sequential, 95),

@@ -147,7 +147,7 @@ def export_onnx(model, path: str | os.PathLike[str], *, sample: np.ndarray, atol
 
 
 def ensure_onnx(directory: str | os.PathLike[str], model, *, image_size: int, sample: np.ndarray | None = None,
-                threads: int | None = None) -> OnnxForward:
+                threads: int | None = None, source_sha256: str | None = None) -> OnnxForward:
     """The ONNX forward pass of a bundle, exporting ``model.onnx`` next to it on first use.
 
     An export is reused only while its record matches both files' sha256; otherwise it is
@@ -158,7 +158,7 @@ def ensure_onnx(directory: str | os.PathLike[str], model, *, image_size: int, sa
 
     directory = Path(directory)
     onnx_path, record_path = directory / ONNX_FILE, directory / ONNX_RECORD
-    source = sha256_file(directory / MODEL_FILE)
+    source = source_sha256 or sha256_file(directory / MODEL_FILE)  # a loaded bundle passes its checked hash
     if onnx_path.is_file() and record_path.is_file():
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -187,17 +187,17 @@ ENGINES = ("keras", "onnx")
 
 
 def select_engine(engine: str, directory: str | os.PathLike[str], model, *, image_size: int,
-                  threads: int | None = None) -> OnnxForward | None:
+                  threads: int | None = None, source_sha256: str | None = None) -> OnnxForward | None:
     """None for "keras" (use the model itself); the ONNX forward pass for "onnx"."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if engine == "keras":
         return None
-    return ensure_onnx(directory, model, image_size=image_size, threads=threads)
+    return ensure_onnx(directory, model, image_size=image_size, threads=threads, source_sha256=source_sha256)
 
 
 class EngineChoice:
-    """Mixin for loaded bundles (``path``, ``model``, ``image_size``, ``onnx`` attributes): the engine switch."""
+    """Mixin for loaded bundles (``path``, ``model``, ``image_size``, ``checkpoint_sha256``, ``onnx``): the engine switch."""
 
     onnx: OnnxForward | None
 
@@ -207,4 +207,5 @@ class EngineChoice:
 
     def use_engine(self, engine: str, *, threads: int | None = None) -> None:
         """"keras" (the loaded model) or "onnx" (ONNX Runtime; exported next to the model on first use)."""
-        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads)
+        self.onnx = select_engine(engine, self.path, self.model, image_size=self.image_size, threads=threads,
+                                  source_sha256=self.checkpoint_sha256)

@@ -34,16 +34,24 @@ class Batch:
 
 
 @dataclass
-class _Item:
-    x: np.ndarray
+class Prepared:
+    """One decoded image ready for a model: its input, how it was made, and the original if kept."""
+
+    x: np.ndarray  # (size, size, 3) float32 in [0, 255]
     geometry: Geometry
-    original: np.ndarray | None
+    original: np.ndarray | None  # float32 (H, W, 3) in [0, 255] at the file's size
 
 
-def _load(path: Path, size: int, mode: str, clahe: bool, keep_original: bool, max_pixels: int) -> _Item:
-    image = read_image(path, max_pixels=max_pixels)
+def prepare_image(image: np.ndarray, *, size: int, mode: str = "stretch", clahe: bool = False,
+                  keep_original: bool = True) -> Prepared:
+    """A decoded image (data.io array) → :class:`Prepared` (used by the stream and by `cxr serve`)."""
     x, geo = preprocess_image(image, size=size, mode=mode, clahe=clahe)
-    return _Item(x, geo, to_rgb_float(image) if keep_original else None)
+    return Prepared(x, geo, to_rgb_float(image) if keep_original else None)
+
+
+def _load(path: Path, size: int, mode: str, clahe: bool, keep_original: bool, max_pixels: int) -> Prepared:
+    return prepare_image(read_image(path, max_pixels=max_pixels), size=size, mode=mode, clahe=clahe,
+                         keep_original=keep_original)
 
 
 def stream_images(
@@ -77,7 +85,7 @@ def stream_images(
                 next_index += 1
 
         fill()
-        rows: list[tuple[int, _Item]] = []
+        rows: list[tuple[int, Prepared]] = []
         while pending:
             i, fut = pending.popleft()
             try:

@@ -143,8 +143,9 @@ def run_pipeline(
             for j, (path, a) in enumerate(zip(batch.paths, analyses)):
                 rel = path.relative_to(image_dir).as_posix()
                 stem = Path(rel).with_suffix("")
+                images = result_images(a, batch.originals[j])
                 gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
-                _atomic_png(gradcam_png, overlay(batch.originals[j], a.heat))
+                _atomic_png(gradcam_png, images["gradcam"])
                 row: dict[str, Any] = {
                     "file": rel,
                     "label": a.label,
@@ -155,8 +156,8 @@ def run_pipeline(
                 }
                 if a.seg is not None:
                     mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
-                    _atomic_png(mask_png, a.seg.mask.astype(np.uint8) * 255)
-                    _atomic_png(mask_overlay_png, mask_overlay(batch.originals[j], a.seg.mask))
+                    _atomic_png(mask_png, images["mask"])
+                    _atomic_png(mask_overlay_png, images["mask_overlay"])
                     row.update(mask=mask_png.relative_to(out).as_posix(),
                                mask_overlay=mask_overlay_png.relative_to(out).as_posix())
                 results.append(row)
@@ -216,6 +217,16 @@ class ImageAnalysis:
             "lesions": [{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
                          "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
         }
+
+
+def result_images(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, np.ndarray]:
+    """The pictures of one analysed image at its own size: "gradcam" (overlay) always;
+    "mask" (uint8 0/255) and "mask_overlay" when stage 2 ran. `cxr run` writes them, `cxr serve` serves them."""
+    images = {"gradcam": overlay(original, analysis.heat)}
+    if analysis.seg is not None:
+        images["mask"] = analysis.seg.mask.astype(np.uint8) * 255
+        images["mask_overlay"] = mask_overlay(original, analysis.seg.mask)
+    return images
 
 
 def analyse_batch(x: np.ndarray, originals, geometries, *, classifier, segmenter, lung_model=None,

@@ -20,7 +20,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,10 +34,9 @@ from starlette.concurrency import run_in_threadpool
 
 from data import spec
 from data.io import ImageReadError, decode_image, sniff_format
-from data.preprocess import preprocess_image, to_rgb_float
-from gradcam.masks import mask_overlay, overlay
+from data.stream import Prepared, prepare_image
 from pipeline import serve_schema as schema
-from pipeline.run import ImageAnalysis, analyse_batch
+from pipeline.run import ImageAnalysis, analyse_batch, result_images
 from pipeline.serve_page import UPLOAD_PAGE
 
 RESULT_FILES = ("gradcam.png", "mask.png", "mask_overlay.png")
@@ -60,9 +59,7 @@ class Busy(Exception):
 
 @dataclass
 class _Job:
-    x: np.ndarray
-    original: np.ndarray
-    geometry: Any
+    prepared: Prepared
     future: Future
 
 
@@ -75,18 +72,21 @@ class Engine:
         self.heads = classifier.head_weights()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="cxr-serve-engine", daemon=True)
-        self.batches: list[int] = []  # sizes of the batches run, for tests and /v1/health
+        self.batches: deque[int] = deque(maxlen=10_000)  # sizes of the latest batches (tests, benchmark)
         self._thread.start()
 
     def submit(self, image: np.ndarray) -> Future:
         """Queue a decoded image (data.io array); the future resolves to an ImageAnalysis."""
         if self._queue.qsize() >= self.settings.max_queue:
             raise Busy(f"{self._queue.qsize()} images are waiting; retry shortly")
-        x, geo = preprocess_image(image, size=self.classifier.image_size, mode=self.classifier.resize_mode,
-                                  clahe=self.classifier.clahe)
-        job = _Job(x, to_rgb_float(image), geo, Future())
+        job = _Job(prepare_image(image, size=self.classifier.image_size, mode=self.classifier.resize_mode,
+                                 clahe=self.classifier.clahe), Future())
         self._queue.put(job)
         return job.future
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -112,8 +112,9 @@ class Engine:
 
     def _run(self, jobs: list[_Job]) -> None:
         try:
-            analyses = analyse_batch(np.stack([j.x for j in jobs]), [j.original for j in jobs],
-                                     [j.geometry for j in jobs], classifier=self.classifier, heads=self.heads,
+            ps = [j.prepared for j in jobs]
+            analyses = analyse_batch(np.stack([p.x for p in ps]), [p.original for p in ps],
+                                     [p.geometry for p in ps], classifier=self.classifier, heads=self.heads,
                                      segmenter=self.segmenter, lung_model=self.lung_model,
                                      segment_all=self.settings.segment_all)
         except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
@@ -122,7 +123,7 @@ class Engine:
             return
         self.batches.append(len(jobs))
         for j, a in zip(jobs, analyses):
-            j.future.set_result((a, j.original))
+            j.future.set_result((a, j.prepared.original))
 
 
 class ResultStore:
@@ -162,12 +163,8 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def render_files(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, bytes]:
-    """The overlay (and, when segmented, mask and mask overlay) PNGs of one analysed image."""
-    files = {"gradcam.png": _png(overlay(original, analysis.heat))}
-    if analysis.seg is not None:
-        files["mask.png"] = _png(analysis.seg.mask.astype(np.uint8) * 255)
-        files["mask_overlay.png"] = _png(mask_overlay(original, analysis.seg.mask))
-    return files
+    """pipeline.run.result_images of one analysed image, as PNG bytes named ``<name>.png``."""
+    return {f"{name}.png": _png(rgb) for name, rgb in result_images(analysis, original).items()}
 
 
 def check_upload(data: bytes, max_pixels: int = spec.DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -217,7 +214,7 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             "segment_classes": sorted(spec.SEGMENT_CLASSES),
             "models": {"classifier": classifier.checkpoint_sha256, "segmenter": segmenter.checkpoint_sha256,
                        "lung_model": lung_model.checkpoint_sha256 if lung_model else None},
-            "queued": engine._queue.qsize(),
+            "queued": engine.queued,
             "max_upload_bytes": settings.max_upload_bytes,
         }
 

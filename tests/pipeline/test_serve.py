@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from data import spec  # noqa: E402
 from data.io import decode_image  # noqa: E402
-from data.preprocess import preprocess_image, to_rgb_float  # noqa: E402
+from data.stream import prepare_image  # noqa: E402
 from pipeline.run import analyse_batch  # noqa: E402
 from pipeline.serve import ServeSettings, create_app  # noqa: E402
 
@@ -51,9 +51,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def _reference(models, data: bytes):
     """The same image through analyse_batch alone (what `cxr run` computes)."""
     clf, seg = models
-    image = decode_image(data)
-    x, geo = preprocess_image(image, size=clf.image_size, mode=clf.resize_mode, clahe=clf.clahe)
-    return analyse_batch(x[None], [to_rgb_float(image)], [geo], classifier=clf, segmenter=seg, lung_model=seg,
+    p = prepare_image(decode_image(data), size=clf.image_size, mode=clf.resize_mode, clahe=clf.clahe)
+    return analyse_batch(p.x[None], [p.original], [p.geometry], classifier=clf, segmenter=seg, lung_model=seg,
                          segment_all=True)[0]
 
 
@@ -163,7 +162,7 @@ def test_twenty_concurrent_uploads_each_get_their_own_answer(client, models):
         np.testing.assert_allclose([body["probabilities"][c] for c in spec.CLASS_NAMES], ref.probs, atol=1e-4)
         assert body["lesion_count"] == ref.stage2_fields()["lesion_count"]
         assert _png_size(client.get(body["urls"]["gradcam"]).content) == (80 + 2 * i, 96 + i)
-    batches = engine.batches[before:]
+    batches = list(engine.batches)[before:]
     assert sum(batches) == 20 and max(batches) > 1  # requests were analysed together
 
 
