@@ -16,7 +16,10 @@ DenseNet121 U-Net at --seg-size, saved as bundles and loaded like trained ones.
 * ``rss_mb_<N>``: peak RSS of a ``cxr run`` process over N files (for each of --rss-files),
   with models at --rss-size so that large N finish on a CPU.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--images 48] [--engine onnx] [--json OUT]
+With ``--engine onnx-int8`` both models are first quantised (`cxr export --format onnx-int8`),
+calibrated on --calibration real X-rays; that one-off cost is ``engine_setup_s``.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--images 48] [--engine onnx|onnx-int8|keras] [--json OUT]
         [--rss-files 1000,10000] [--rss-size 64]
 """
 
@@ -36,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+
+from data.export import ENGINES  # noqa: E402
 
 from _measure import matmul_gflops, median_rate as rate, model_flops  # noqa: E402
 
@@ -74,6 +79,14 @@ def link_folder(data: Path, n: int, out: Path) -> Path:
     return out
 
 
+def int8_exports(bundles: tuple[Path, ...], data: Path, count: int) -> None:
+    """`cxr export --format onnx-int8` for each bundle, calibrated on ``count`` images of ``data``."""
+    from pipeline.export_jobs import export_model
+
+    for b in bundles:
+        export_model(b, "onnx-int8", calibration=data, calibration_count=count)
+
+
 def peak_rss_mb(cmd: list[str]) -> float:
     """Peak RSS of ``cmd`` (run in a fresh interpreter so only that child is counted)."""
     probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -93,7 +106,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--seg-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--engine", choices=("keras", "onnx"), default="onnx")
+    parser.add_argument("--engine", choices=ENGINES, default="onnx")
+    parser.add_argument("--calibration", type=int, default=16, help="calibration images for --engine onnx-int8")
     parser.add_argument("--rss-files", default="", help="e.g. 1000,10000 (each is a full cxr run)")
     parser.add_argument("--rss-size", type=int, default=64)
     parser.add_argument("--json")
@@ -118,6 +132,8 @@ def main() -> int:
     clf = load_classifier(clf_dir)
     seg = load_segmenter(seg_dir)
     t = time.perf_counter()
+    if args.engine == "onnx-int8":
+        int8_exports((clf_dir, seg_dir), Path(args.data), args.calibration)
     clf.use_engine(args.engine)
     seg.use_engine(args.engine)
     res["engine_setup_s"] = time.perf_counter() - t
@@ -171,6 +187,8 @@ def main() -> int:
 
     for n in [int(v) for v in args.rss_files.split(",") if v]:
         small = make_bundles(tmp / f"rss_models_{n}", args.rss_size, max(64, args.rss_size))
+        if args.engine == "onnx-int8":
+            int8_exports(small[:2], Path(args.data), args.calibration)
         big = link_folder(Path(args.data), n, tmp / f"rss_images_{n}")
         cmd = [str(Path(sys.executable).with_name("cxr")), "run", str(big), "--classifier", str(small[0]),
                "--segmenter", str(small[1]), "--out", str(tmp / f"rss_out_{n}"), "--engine", args.engine]

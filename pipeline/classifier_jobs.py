@@ -116,13 +116,18 @@ def evaluate_classifier_job(
     split: str = "test",
     n_boot: int = 1000,
     batch_size: int = 8,
+    engine: str = "keras",
     progress=None,
 ) -> dict[str, Any]:
-    """metrics.json (+ per source, per member), predictions.csv, failures.csv and plots in ``out``."""
+    """metrics.json (+ per source, per member), predictions.csv, failures.csv and plots in ``out``.
+
+    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
+    """
     from ensemble.classifier import load_classifier
     from ensemble.evaluate import classification_metrics, metrics_by_group, reliability, roc_curves
 
     classifier = load_classifier(model_dir)
+    classifier.use_engine(engine)
     out = prepare_output_dir(out, marker="metrics.json")
     if splits is not None:
         records = select_split(records, read_splits(splits), split)
@@ -137,7 +142,7 @@ def evaluate_classifier_job(
     labels = np.array([spec.class_index(r.label) for r in kept])
     metrics = classification_metrics(labels, table.probs, uncalibrated=table.raw_probs, n_boot=n_boot)
     metrics["model"] = {"path": str(model_dir), "sha256": classifier.checkpoint_sha256,
-                        "members": list(classifier.members), "variant": classifier.variant,
+                        "members": list(classifier.members), "variant": classifier.variant, "engine": engine,
                         "temperature": classifier.temperature}
     sources = [r.source for r in kept]
     if any(sources):

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from data.export import ENGINES
 from pipeline import __version__
+from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT, FORMATS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -114,7 +116,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     records = _records_from_args(args)
     metrics = evaluate_classifier_job(args.model, records, args.out, splits=args.splits, split=args.split,
-                                      n_boot=args.bootstrap, progress=_progress("evaluating"))
+                                      n_boot=args.bootstrap, engine=args.engine, progress=_progress("evaluating"))
     print(metrics_table(metrics))
     for source, m in metrics.get("per_source", {}).items():
         print(f"source {source}: accuracy {m['accuracy']['value']:.3f} (n = {m['n']})")
@@ -191,7 +193,7 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
 
     records = gather_records(args.images, manifest=args.manifest, masks=args.masks, mask_kinds=[args.kind])
     m = evaluate_segmenter_job(args.model, records, args.out, kind=args.kind, splits=args.splits, split=args.split,
-                               n_boot=args.bootstrap, progress=_progress("segmenting"))
+                               n_boot=args.bootstrap, engine=args.engine, progress=_progress("segmenting"))
     for k in SCORE_KEYS:
         ci = m[k].get("ci95")
         print(f"{k:<9} {m[k]['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
@@ -245,8 +247,15 @@ def _load_models(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export_jobs import export_model
 
-    out = export_model(args.model, args.format)
+    out = export_model(args.model, args.format, calibration=args.calibration,
+                       calibration_count=args.calibration_count)
     print(f"exported {out}")
+    if args.format == "onnx-int8":
+        record = json.loads(out.with_name(out.name + ".json").read_text(encoding="utf-8"))
+        print(f"calibrated on {record['calibration_images']} image(s); largest output difference from the float "
+              f"export on {record['check_batch']} of them: {record['max_abs_diff_vs_float']:.4f}. Measure its "
+              f"accuracy with `cxr evaluate{'' if 'probs' in record['per_output_vs_float'] else '-segmenter'} "
+              f"--engine onnx-int8` against --engine onnx")
     return EXIT_OK
 
 
@@ -367,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("train", "val", "test"), default="test")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
     ev.add_argument("--out", required=True)
+    _engine_arg(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     pr = sub.add_parser("predict", help="label and probabilities per file")
@@ -426,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--split", choices=("train", "val", "test"), default="test")
     es.add_argument("--bootstrap", type=int, default=1000)
     es.add_argument("--out", required=True)
+    _engine_arg(es)
     es.set_defaults(func=_cmd_evaluate_segmenter)
 
     sg = sub.add_parser("segment", help="lesions and share of lung affected per file")
@@ -459,7 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a classifier or segmenter bundle (ONNX, checked against Keras)")
     ex.add_argument("--model", required=True, type=_existing_dir)
-    ex.add_argument("--format", choices=("onnx", "savedmodel"), default="onnx")
+    ex.add_argument("--format", choices=FORMATS, default="onnx",
+                    help="onnx (float, checked against Keras), onnx-int8 (static int8, needs --calibration) "
+                         "or savedmodel")
+    ex.add_argument("--calibration", type=_existing_dir,
+                    help="onnx-int8: folder of training images to calibrate on (only the bundle's training "
+                         "split where its splits.csv lists them)")
+    ex.add_argument("--calibration-count", type=_positive_int, default=DEFAULT_CALIBRATION_COUNT,
+                    help=f"onnx-int8: images to calibrate on (default {DEFAULT_CALIBRATION_COUNT})")
     ex.set_defaults(func=_cmd_export)
 
     dm = sub.add_parser("demo", help="train small demo models (cached) and run the pipeline on the bundled sample")
@@ -475,9 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("keras", "onnx"), default="keras",
-                   help="keras (default) or onnx: ONNX Runtime, exported next to each model on first use "
-                        "(model.onnx, checked against Keras and by sha256)")
+    p.add_argument("--engine", choices=ENGINES, default="keras",
+                   help="keras (default); onnx: ONNX Runtime, exported next to each model on first use "
+                        "(model.onnx, checked against Keras and by sha256); onnx-int8: the int8 export made "
+                        "by `cxr export --format onnx-int8`")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""`cxr export`: a classifier or segmenter bundle as ONNX (checked against Keras) or a SavedModel."""
+"""`cxr export`: a classifier or segmenter bundle as ONNX (checked against Keras), int8 ONNX
+(calibrated on training images) or a SavedModel."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ from pathlib import Path
 from data.bundle import BundleError
 
 
-def export_model(directory: str | os.PathLike[str], fmt: str = "onnx") -> Path:
-    """Write ``model.onnx`` (+ ``model.onnx.json``) or ``saved_model/`` into the bundle; returns the path."""
+FORMATS = ("onnx", "onnx-int8", "savedmodel")
+#: Calibration images for int8 when not told otherwise (ONNX Runtime's examples use a few dozen).
+DEFAULT_CALIBRATION_COUNT = 32
+
+
+def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
+                 calibration: str | os.PathLike[str] | None = None,
+                 calibration_count: int = DEFAULT_CALIBRATION_COUNT) -> Path:
+    """Write ``model.onnx`` (+ record), ``model.int8.onnx`` (+ record) or ``saved_model/`` into the
+    bundle; returns the path. ``onnx-int8`` needs ``calibration``, a folder of images (see
+    :func:`calibration_files`)."""
     import json
 
     directory = Path(directory)
@@ -31,6 +41,16 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx") -> Path:
     if fmt == "onnx":
         model.use_engine("onnx")
         return model.onnx.path
+    if fmt == "onnx-int8":
+        from data.export import INT8_FILE, ensure_int8
+
+        if calibration is None:
+            raise BundleError("--format onnx-int8 needs --calibration DIR: a folder of training images "
+                              "(the bundle's own training split is taken from it where its splits.csv matches)")
+        files = calibration_files(directory, calibration, calibration_count)
+        ensure_int8(directory, model.model, image_size=model.image_size, source_sha256=model.checkpoint_sha256,
+                    calibration=_load_inputs(model, files), calibration_files=[f.as_posix() for f in files])
+        return directory / INT8_FILE
     if fmt == "savedmodel":
         out = directory / "saved_model"
         tmp = directory / "saved_model.tmp"
@@ -39,4 +59,47 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx") -> Path:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         return out
-    raise ValueError(f"unknown format {fmt!r}; valid: onnx, savedmodel")
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def calibration_files(directory: Path, folder: str | os.PathLike[str], count: int) -> list[Path]:
+    """Up to ``count`` images of ``folder``, evenly spread in sorted order, for int8 calibration.
+
+    Where the bundle has a ``splits.csv`` naming files of ``folder`` (paths relative to it), only
+    its training split is used, so no validation or test image shapes the quantisation.
+    """
+    from data.datasets import DatasetError, walk_images
+    from data.splits import read_splits
+
+    folder = Path(folder)
+    if count < 1:
+        raise ValueError(f"calibration count must be ≥ 1, got {count}")
+    paths = sorted(walk_images(folder)) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(f"{folder}: no images to calibrate int8 on; pass a folder of training images")
+    splits_file = directory / "splits.csv"
+    if splits_file.is_file():
+        splits = read_splits(splits_file)
+        listed = [p for p in paths if p.relative_to(folder).as_posix() in splits]
+        if listed:
+            paths = [p for p in listed if splits[p.relative_to(folder).as_posix()] == "train"]
+            if not paths:
+                raise DatasetError(f"{folder}: none of its images is in the training split of {splits_file}")
+    step = max(1, len(paths) // count)
+    return paths[::step][:count]
+
+
+def _load_inputs(model, files: list[Path]):
+    """The model's inputs for ``files`` (decoded and resized as at inference); unreadable ones are an error."""
+    import numpy as np
+
+    from data.datasets import DatasetError, FailureLog
+    from data.stream import stream_images
+
+    failures = FailureLog()
+    xs = [b.x for b in stream_images(files, size=model.image_size, mode=model.resize_mode, clahe=model.clahe,
+                                     failures=failures)]
+    if failures.items:
+        path, reason = failures.items[0]
+        raise DatasetError(f"{path}: {reason}; remove it from the calibration folder")
+    return np.concatenate(xs)

@@ -92,12 +92,17 @@ def _to_original(prob: np.ndarray, geo: Geometry) -> np.ndarray:
 
 
 def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,
-                           split: str = "test", n_boot: int = 1000, gallery: int = 8, progress=None) -> dict[str, Any]:
-    """metrics.json (Dice, IoU, precision, recall with 95 % CIs; pooled; HD95), per_image.csv, gallery.png."""
+                           split: str = "test", n_boot: int = 1000, gallery: int = 8, engine: str = "keras",
+                           progress=None) -> dict[str, Any]:
+    """metrics.json (Dice, IoU, precision, recall with 95 % CIs; pooled; HD95), per_image.csv, gallery.png.
+
+    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
+    """
     from segmenter.metrics import confusion, hausdorff95, segmentation_scores
     from segmenter.train import load_segmenter
 
     seg = load_segmenter(model_dir)
+    seg.use_engine(engine)
     kind = kind or seg.kind
     out = prepare_output_dir(out, marker="metrics.json")
     if splits is not None:
@@ -135,7 +140,8 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
     metrics.update(n=len(rows), kind=kind, threshold=seg.threshold, failures=len(failures),
                    empty_mask_convention="both empty scores 1; one empty scores 0",
-                   model={"path": str(model_dir), "sha256": seg.checkpoint_sha256, "arch": seg.meta["arch"]})
+                   model={"path": str(model_dir), "sha256": seg.checkpoint_sha256, "arch": seg.meta["arch"],
+                          "engine": engine})
     write_json(out / "metrics.json", metrics)
     with (out / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
         w = csv.DictWriter(handle, fieldnames=["file", *SCORE_KEYS, "hd95"])

@@ -52,7 +52,7 @@ def test_a_changed_export_is_redone(bundles):
 
 
 def test_unknown_engine_is_refused(bundles):
-    with pytest.raises(ValueError, match="valid: keras, onnx"):
+    with pytest.raises(ValueError, match="valid: keras, onnx, onnx-int8"):
         select_engine("tensorrt", bundles[0], None, image_size=64)
 
 
@@ -80,3 +80,60 @@ def test_cli_export_and_run_on_onnx_agree_with_keras(bundles, tmp_path):
         assert a["file"] == b["file"] and a["label"] == b["label"]
         assert abs(a["p_covid"] - b["p_covid"]) < 1e-4 and abs(a["p_normal"] - b["p_normal"]) < 1e-4
         assert abs(a["lesion_area_px"] - b["lesion_area_px"]) <= 0.01 * max(a["lesion_area_px"], 100)
+
+
+def _xray_folder(folder, n, seed):
+    from fakes import png_bytes, xray_like
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"c{i}.png").write_bytes(png_bytes(xray_like(80, 72, seed=seed + i)))
+    return folder
+
+
+def test_int8_export_is_close_to_float_and_refused_when_stale(bundles, tmp_path, capsys):
+    from data.bundle import BundleError
+    from data.export import INT8_FILE, INT8_RECORD
+    from data.stream import stream_images
+
+    clf = bundles[0]
+    assert main(["export", "--model", str(clf), "--format", "onnx-int8"]) == 2  # no calibration images
+    assert "--calibration" in capsys.readouterr().err
+    with pytest.raises(BundleError, match="no int8 export"):
+        load_classifier(clf).use_engine("onnx-int8")
+    cal = _xray_folder(tmp_path / "cal", 6, seed=700)
+    assert main(["export", "--model", str(clf), "--format", "onnx-int8", "--calibration", str(cal),
+                 "--calibration-count", "3"]) == 0
+    record = json.loads((clf / INT8_RECORD).read_text())
+    assert record["calibration_images"] == 3 and len(record["calibration_files"]) == 3
+    assert (clf / INT8_FILE).stat().st_size < 0.5 * (clf / ONNX_FILE).stat().st_size  # int8 weights
+    flt, q = load_classifier(clf), load_classifier(clf)
+    flt.use_engine("onnx")
+    q.use_engine("onnx-int8")
+    assert q.engine == "onnx-int8"
+    x = next(iter(stream_images(sorted(cal.iterdir()), size=flt.image_size, batch_size=6))).x
+    a, b = flt.predict(x), q.predict(x)
+    np.testing.assert_allclose(b.probs, a.probs, atol=0.05)
+    for m in flt.members:  # the CAM inputs survive quantisation
+        f, g = a.features[m], b.features[m]
+        assert np.linalg.norm(g - f) <= 0.2 * np.linalg.norm(f)
+    record["source_sha256"] = "0" * 64  # as if model.keras had been retrained since
+    (clf / INT8_RECORD).write_text(json.dumps(record))
+    with pytest.raises(BundleError, match="--format onnx-int8 --calibration"):
+        load_classifier(clf).use_engine("onnx-int8")
+
+
+def test_calibration_uses_only_the_bundles_training_split(tmp_path):
+    from data.datasets import DatasetError
+    from pipeline.export_jobs import calibration_files
+
+    images = _xray_folder(tmp_path / "imgs" / "covid", 6, seed=800).parent
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    assert len(calibration_files(bundle, images, 4)) == 4  # no splits.csv: any image of the folder
+    rows = [f"covid/c{i}.png,{'train' if i < 3 else 'test'}" for i in range(6)]
+    (bundle / "splits.csv").write_text("file,split\n" + "\n".join(rows) + "\n")
+    assert [p.name for p in calibration_files(bundle, images, 10)] == ["c0.png", "c1.png", "c2.png"]
+    (bundle / "splits.csv").write_text("file,split\n" + "\n".join(r.replace("train", "val") for r in rows) + "\n")
+    with pytest.raises(DatasetError, match="none of its images is in the training split"):
+        calibration_files(bundle, images, 10)
