@@ -2,7 +2,7 @@
 
 Per batch: decode (threads, ahead of compute) → classifier (probabilities and every member's
 conv maps in one pass) → closed-form Grad-CAM → segmenter on the images flagged pneumonia or
-covid (all with ``segment_all``) → files. Each image's files are written atomically first;
+covid (all with ``segment_all``) → files (a writer thread, while the models run on the next batch). Each image's files are written atomically first;
 then one line is appended to ``results.jsonl`` (or ``failures.jsonl``) and flushed. A line
 exists only for a finished image, so a killed run restarted with the same arguments skips
 the finished ones and never duplicates a row. ``results.csv``, ``failures.csv`` and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -131,6 +132,39 @@ def run_pipeline(
     n_done = 0
     failures = FailureLog()
     logged_failures = 0
+
+    def write_batch(batch, analyses) -> None:
+        """Pictures, files and log lines of one analysed batch (on the writer thread, in input order)."""
+        nonlocal n_done
+        for j, (path, a) in enumerate(zip(batch.paths, analyses)):
+            rel = path.relative_to(image_dir).as_posix()
+            stem = Path(rel).with_suffix("")
+            images = result_images(a, batch.originals[j])
+            gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
+            _atomic_png(gradcam_png, images["gradcam"])
+            row: dict[str, Any] = {
+                "file": rel,
+                "label": a.label,
+                **{f"p_{c}": p for c, p in a.probabilities.items()},
+                "confidence": a.confidence,
+                **a.stage2_fields(),
+                "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
+            }
+            if a.seg is not None:
+                mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
+                _atomic_png(mask_png, images["mask"])
+                _atomic_png(mask_overlay_png, images["mask_overlay"])
+                row.update(mask=mask_png.relative_to(out).as_posix(),
+                           mask_overlay=mask_overlay_png.relative_to(out).as_posix())
+            results.append(row)
+            n_done += 1
+            if stop_after is not None and n_done >= stop_after:
+                raise _Stop
+
+    # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
+    # batch waits for it, so memory stays flat. Its errors (a full disk, say) surface at the next batch.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+    written: Future | None = None
     try:
         batches = stream_images(todo, size=classifier.image_size, batch_size=batch_size, mode=classifier.resize_mode,
                                 clahe=classifier.clahe, failures=failures, keep_original=True)
@@ -140,35 +174,17 @@ def run_pipeline(
             logged_failures = len(failures.items)
             analyses = analyse_batch(batch.x, batch.originals, batch.geometries, classifier=classifier,
                                      heads=heads, segmenter=segmenter, lung_model=lung_model, segment_all=segment_all)
-            for j, (path, a) in enumerate(zip(batch.paths, analyses)):
-                rel = path.relative_to(image_dir).as_posix()
-                stem = Path(rel).with_suffix("")
-                images = result_images(a, batch.originals[j])
-                gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
-                _atomic_png(gradcam_png, images["gradcam"])
-                row: dict[str, Any] = {
-                    "file": rel,
-                    "label": a.label,
-                    **{f"p_{c}": p for c, p in a.probabilities.items()},
-                    "confidence": a.confidence,
-                    **a.stage2_fields(),
-                    "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
-                }
-                if a.seg is not None:
-                    mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
-                    _atomic_png(mask_png, images["mask"])
-                    _atomic_png(mask_overlay_png, images["mask_overlay"])
-                    row.update(mask=mask_png.relative_to(out).as_posix(),
-                               mask_overlay=mask_overlay_png.relative_to(out).as_posix())
-                results.append(row)
-                n_done += 1
-                if stop_after is not None and n_done >= stop_after:
-                    raise _Stop
+            if written is not None:
+                written.result()
+            written = writer.submit(write_batch, batch, analyses)
+        if written is not None:
+            written.result()
         for path, reason in failures.items[logged_failures:]:
             failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
     except _Stop:
         pass
     finally:
+        writer.shutdown(wait=True)
         results.close()
         failures_log.close()
     rows = _read_log(out / "results.jsonl")
