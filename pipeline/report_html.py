@@ -28,6 +28,9 @@ document.querySelectorAll('th[data-sort]').forEach(function(th){th.addEventListe
 """
 
 
+#: Lesions listed per image (largest first); results.jsonl keeps them all.
+REPORT_LESIONS = 5
+
 def _img(out: Path, rel: str | None, alt: str) -> str:
     if not rel or not (out / rel).is_file():
         return ""
@@ -62,10 +65,11 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
             f"<td data-v='{r[f'p_{c}']}'>{r[f'p_{c}']:.3f} <span class='bar' style='width:{int(60 * r[f'p_{c}'])}px'></span></td>"
             for c in spec.CLASS_NAMES
         )
-        found = r.get("lesions", [])
+        shown = r.get("lesions", [])[:REPORT_LESIONS]
+        more = r.get("lesion_count", len(shown)) - len(shown)
         lesions = "".join(
-            f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in found[:5]
-        ) + (f"<li>… and {len(found) - 5} smaller (results.jsonl)</li>" if len(found) > 5 else "")
+            f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in shown
+        ) + (f"<li>… and {more} smaller (results.jsonl)</li>" if more > 0 else "")
         pct = r.get("lung_affected_pct")
         parts.append(
             f"<tr><td>{html.escape(r['file'])}</td><td>{html.escape(r['label'])}</td>{probs}"

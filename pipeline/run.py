@@ -15,6 +15,7 @@ import csv
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from operator import itemgetter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,6 +29,7 @@ from data.preprocess import preprocess_image
 from data.stream import stream_images
 from gradcam.cam import member_heatmaps
 from gradcam.masks import mask_overlay, overlay
+from pipeline.report_html import REPORT_LESIONS, write_report
 
 RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "segmented",
                   "lesion_count", "lesion_area_px", "lung_affected_pct")
@@ -50,15 +52,28 @@ def _atomic_png(path: Path, rgb: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of an append-only log; a torn last line (killed mid-write) is cut off."""
+def _read_log(path: Path, keep: Callable[[dict[str, Any]], Any] = lambda record: record) -> list[Any]:
+    """``keep(record)`` for each complete JSON line of an append-only log, read line by line so that
+    only what ``keep`` returns is held; a torn last line (killed mid-write) is cut off the file."""
     if not path.is_file():
         return []
-    raw = path.read_bytes()
-    keep = raw[: raw.rfind(b"\n") + 1]
-    if len(keep) != len(raw):
-        path.write_bytes(keep)
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+    out, good = [], 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            good += len(line)
+            if line.strip():
+                out.append(keep(json.loads(line)))
+    if good != path.stat().st_size:
+        os.truncate(path, good)
+    return out
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    """A results.jsonl record without its lesions beyond the REPORT_LESIONS largest: what results.csv and
+    report.html need, so that a run over many files does not hold every lesion in memory at the end."""
+    return {**record, "lesions": record.get("lesions", [])[:REPORT_LESIONS]}
 
 
 class _Log:
@@ -114,8 +129,6 @@ def run_pipeline(
     ``classifier``/``segmenter``/``lung_model`` are loaded bundles. ``stop_after`` ends the run
     after that many newly finished images (used to test resuming).
     """
-    from pipeline.report_html import write_report
-
     image_dir, out = Path(image_dir), Path(out)
     identity = {
         "images": str(image_dir.resolve()),
@@ -125,7 +138,8 @@ def run_pipeline(
         "segment_all": segment_all,
     }
     paths = check_run_inputs(image_dir, out, identity)
-    done = {r["file"] for r in _read_log(out / "results.jsonl")} | {r["file"] for r in _read_log(out / "failures.jsonl")}
+    file_of = itemgetter("file")
+    done = set(_read_log(out / "results.jsonl", file_of)) | set(_read_log(out / "failures.jsonl", file_of))
     todo = [p for p in paths if p.relative_to(image_dir).as_posix() not in done]
     results, failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
     heads = classifier.head_weights()
@@ -187,7 +201,7 @@ def run_pipeline(
         writer.shutdown(wait=True)
         results.close()
         failures_log.close()
-    rows = _read_log(out / "results.jsonl")
+    rows = _read_log(out / "results.jsonl", _summary)
     fails = _read_log(out / "failures.jsonl")
     _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
     _write_csv(out / "failures.csv", ("file", "reason"), fails)

@@ -106,3 +106,22 @@ def test_bad_model_dir_is_refused_before_reading_images(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "model.json: missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_logs_are_read_line_by_line_keeping_only_what_the_report_needs(tmp_path):
+    import json
+
+    from pipeline.report_html import REPORT_LESIONS, write_report
+    from pipeline.run import _read_log, _summary
+
+    lesions = [{"box": [i, i, i + 2, i + 2], "area_px": 100 - i, "score": 0.9, "lung_pct": None} for i in range(8)]
+    row = {"file": "a.png", "label": "covid", "p_normal": 0.1, "p_pneumonia": 0.1, "p_covid": 0.8,
+           "confidence": 0.8, "segmented": True, "lesion_count": 8, "lesion_area_px": 772,
+           "lung_affected_pct": None, "lesions": lesions}
+    log = tmp_path / "results.jsonl"
+    log.write_bytes((json.dumps(row) + "\n").encode() + b'{"file": "b.pn')  # torn last line
+    rows = _read_log(log, _summary)
+    assert log.read_bytes().endswith(b"\n") and len(rows) == 1  # the torn line is cut off the file
+    assert rows[0]["lesions"] == lesions[:REPORT_LESIONS] and rows[0]["lesion_count"] == 8
+    html = write_report(tmp_path, rows, [], {}).read_text()
+    assert f"and {8 - REPORT_LESIONS} smaller" in html and "box [0, 0, 2, 2]" in html
