@@ -253,9 +253,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx-int8":
         record = json.loads(out.with_name(out.name + ".json").read_text(encoding="utf-8"))
         print(f"calibrated on {record['calibration_images']} image(s); largest output difference from the float "
-              f"export on {record['check_batch']} of them: {record['max_abs_diff_vs_float']:.4f}. Measure its "
-              f"accuracy with `cxr evaluate{'' if 'probs' in record['per_output_vs_float'] else '-segmenter'} "
-              f"--engine onnx-int8` against --engine onnx")
+              f"export on {record['check_batch']} of them: {record['max_abs_diff_vs_float']:.4f}. Measure what it "
+              f"costs with `cxr evaluate` (or `cxr evaluate-segmenter`) --engine onnx-int8 against --engine onnx")
     return EXIT_OK
 
 

@@ -56,12 +56,21 @@ def test_unknown_engine_is_refused(bundles):
         select_engine("tensorrt", bundles[0], None, image_size=64)
 
 
-def test_cli_export_and_run_on_onnx_agree_with_keras(bundles, tmp_path):
+def test_cli_export_run_and_evaluate_on_onnx_agree_with_keras(bundles, seg_data, tmp_path):
     from fakes import png_bytes, xray_like
 
     clf, seg = bundles
     assert main(["export", "--model", str(seg), "--format", "onnx"]) == 0
     assert (seg / ONNX_FILE).is_file()
+    dice = {}
+    for engine in ("keras", "onnx"):
+        assert main(["evaluate-segmenter", "--model", str(seg), "--images", str(seg_data / "images"), "--masks",
+                     str(seg_data / "masks"), "--kind", "lesion", "--out", str(tmp_path / f"ev_{engine}"),
+                     "--bootstrap", "0", "--engine", engine]) == 0
+        m = json.loads((tmp_path / f"ev_{engine}" / "metrics.json").read_text())
+        assert m["model"]["engine"] == engine
+        dice[engine] = m["dice"]["value"]
+    assert abs(dice["onnx"] - dice["keras"]) < 1e-3
     keras_seg, onnx_seg = load_segmenter(seg), load_segmenter(seg)
     onnx_seg.use_engine("onnx")  # reuses the export just written
     x = np.random.default_rng(4).uniform(0, 255, (3, keras_seg.image_size, keras_seg.image_size, 3)).astype(np.float32)
