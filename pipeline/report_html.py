@@ -31,6 +31,7 @@ document.querySelectorAll('th[data-sort]').forEach(function(th){th.addEventListe
 #: Lesions listed per image (largest first); results.jsonl keeps them all.
 REPORT_LESIONS = 5
 
+
 def _img(out: Path, rel: str | None, alt: str) -> str:
     if not rel or not (out / rel).is_file():
         return ""

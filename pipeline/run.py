@@ -2,10 +2,11 @@
 
 Per batch: decode (threads, ahead of compute) → classifier (probabilities and every member's
 conv maps in one pass) → closed-form Grad-CAM → segmenter on the images flagged pneumonia or
-covid (all with ``segment_all``) → files (a writer thread, while the models run on the next batch). Each image's files are written atomically first;
-then one line is appended to ``results.jsonl`` (or ``failures.jsonl``) and flushed. A line
-exists only for a finished image, so a killed run restarted with the same arguments skips
-the finished ones and never duplicates a row. ``results.csv``, ``failures.csv`` and
+covid (all with ``segment_all``) → files, drawn and written on one writer thread while the
+models run on the next batch. Each image's files are written atomically first; then one line
+is appended to ``results.jsonl`` (or ``failures.jsonl``) and flushed. A line exists only for a
+finished image, so a killed run restarted with the same arguments skips the finished ones and
+never duplicates a row. ``results.csv``, ``failures.csv`` and
 ``report.html`` are rebuilt from the logs at the end.
 """
 
@@ -15,8 +16,8 @@ import csv
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from operator import itemgetter
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
