@@ -111,8 +111,12 @@ class Classifier(EngineChoice):
 
 def save_classifier(model, directory: str | os.PathLike[str], *, members, variant: str, image_size: int,
                     config: dict[str, Any], temperature: float = 1.0, member_weights=None,
-                    resize_mode: str = "stretch", clahe: bool = False, weight_files: dict[str, str] | None = None) -> Path:
-    """Save a trained ensemble as a classifier bundle; returns the sidecar path."""
+                    resize_mode: str = "stretch", clahe: bool = False, weight_files: dict[str, str] | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> Path:
+    """Save a trained ensemble as a classifier bundle; returns the sidecar path.
+
+    ``extra_meta`` adds keys to the sidecar's meta (the trainer's validation summary, the refer rule).
+    """
     meta = {
         "members": list(members),
         "variant": variant,
@@ -123,6 +127,7 @@ def save_classifier(model, directory: str | os.PathLike[str], *, members, varian
         "initial_weight_files": weight_files or {},
         "outputs": ["probs", *[f"{m}_features" for m in members],
                     *([f"{m}_probs" for m in members] if variant == "softvote" else [])],
+        **(extra_meta or {}),
     }
     return save_bundle(model, directory, kind=KIND, image_size=image_size, config=config, meta=meta)
 

@@ -7,7 +7,7 @@ class absent from the sample) are ``None`` rather than NaN so the JSON stays val
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -70,13 +70,29 @@ def _point_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
     return out
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, list[float] | None]:
-    """Percentile 95 % intervals of :func:`_point_metrics` over ``n_boot`` resamples of images."""
+def bootstrap_indices(n: int, *, n_boot: int, seed: int = 0, groups: Sequence[str] | None = None) -> Iterator[np.ndarray]:
+    """``n_boot`` seeded bootstrap resamples of ``n`` items: whole groups (patients) drawn with
+    replacement when ``groups`` (one id per item) is given, so one patient's images stay
+    together; single items otherwise."""
     rng = np.random.default_rng(seed)
-    n = len(labels)
-    samples: dict[str, list[float]] = {}
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(str(g), []).append(i)
+    members = [np.array(v) for v in index.values()]
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        yield np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
+                 groups: Sequence[str] | None = None) -> dict[str, list[float] | None]:
+    """Percentile 95 % intervals of :func:`_point_metrics` over ``n_boot`` resamples of patients
+    (``groups``, one id per image) or, without groups, of images."""
+    samples: dict[str, list[float]] = {}
+    for idx in bootstrap_indices(len(labels), n_boot=n_boot, seed=seed, groups=groups):
         for k, v in _point_metrics(labels[idx], probs[idx]).items():
             if v is not None:
                 samples.setdefault(k, []).append(v)
@@ -90,10 +106,12 @@ def classification_metrics(
     uncalibrated: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, object]:
     """The full metrics dictionary for integer ``labels`` (N,) and ``probs`` (N, C).
 
     ``uncalibrated`` (the probabilities before temperature scaling) adds ECE before/after.
+    ``groups`` (a patient id per image) makes the bootstrap resample patients, not images.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -104,7 +122,9 @@ def classification_metrics(
     preds = probs.argmax(axis=1)
     cm = confusion_matrix(labels, preds, probs.shape[1])
     point = _point_metrics(labels, probs)
-    ci = bootstrap_ci(labels, probs, n_boot=n_boot, seed=seed) if n_boot else {}
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} group ids for {len(labels)} labels")
+    ci = bootstrap_ci(labels, probs, n_boot=n_boot, seed=seed, groups=groups) if n_boot else {}
     names = spec.CLASS_NAMES[: probs.shape[1]]
     rates = per_class_rates(cm)
     per_class: dict[str, dict[str, object]] = {}
@@ -143,7 +163,9 @@ def classification_metrics(
             "row_normalised": np.divide(cm, row_sums, out=np.zeros(cm.shape), where=row_sums > 0).round(6).tolist(),
         },
         "ece": {"value": expected_calibration_error(probs, labels)},
-        "bootstrap": {"n": n_boot, "seed": seed, "method": "percentile, resampling images"},
+        "bootstrap": {"n": n_boot, "seed": seed,
+                      "method": f"percentile, resampling {'patients' if groups is not None else 'images'}",
+                      **({"groups": len(set(map(str, groups)))} if groups is not None else {})},
     }
     if uncalibrated is not None:
         out["ece_before_temperature"] = {"value": expected_calibration_error(np.asarray(uncalibrated), labels)}
@@ -155,12 +177,16 @@ def _mean_defined(values: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def metrics_by_group(labels: Sequence[int], probs: np.ndarray, groups: Sequence[str], **kwargs) -> dict[str, dict[str, object]]:
-    """:func:`classification_metrics` for every distinct non-empty value of ``groups`` (e.g. source)."""
+def metrics_by_group(labels: Sequence[int], probs: np.ndarray, groups: Sequence[str], *,
+                     patients: Sequence[str] | None = None, **kwargs) -> dict[str, dict[str, object]]:
+    """:func:`classification_metrics` for every distinct non-empty value of ``groups`` (e.g. source);
+    ``patients`` (one id per image) makes each bootstrap resample patients."""
     labels = np.asarray(labels)
     groups = np.asarray(groups)
+    pats = np.asarray(patients) if patients is not None else None
     return {
-        g: classification_metrics(labels[groups == g], np.asarray(probs)[groups == g], **kwargs)
+        g: classification_metrics(labels[groups == g], np.asarray(probs)[groups == g],
+                                  groups=None if pats is None else pats[groups == g].tolist(), **kwargs)
         for g in sorted(set(groups.tolist()))
         if g
     }

@@ -18,13 +18,10 @@ from keras import layers
 
 from data import spec
 from data.normalization import caffe_normalization, torch_normalization
+from data.weights import WeightsError, build_application, resolve_weights_file  # noqa: F401  (WeightsError re-exported)
 
 #: Weight sources accepted by :func:`build_member`.
 WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *_notop.h5 files")
-
-
-class WeightsError(RuntimeError):
-    """Initial weights that cannot be found or loaded; the message says what to do."""
 
 
 def _identity(name: str) -> layers.Layer:
@@ -73,36 +70,14 @@ def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str | 
     ~/.keras/models, where an offline machine can be given the file); a folder is searched
     for the member's standard no-top file; a file path is used as is.
     """
-    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
-        return None
-    if isinstance(weights, str) and weights == "imagenet":
-        return "imagenet"
-    path = Path(weights)
-    if path.is_dir():
-        path = path / member_spec(name).imagenet_file
-    if not path.is_file():
-        raise WeightsError(
-            f"{path}: weights file for {name} not found; pass 'imagenet' (online), 'none', "
-            f"a .h5 file, or a folder holding {member_spec(name).imagenet_file}"
-        )
-    return str(path)
+    return resolve_weights_file(weights, imagenet_file=member_spec(name).imagenet_file, what=name)
 
 
 def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
     """The member's keras.applications model without its top, named ``{name}_backbone``."""
     ms = member_spec(name)
-    kwargs = {"include_top": False, "weights": weights, "input_shape": input_shape}
-    try:
-        backbone = ms.constructor(**kwargs)
-    except Exception as err:  # Keras reports a failed download as a bare Exception("URL fetch failure ...")
-        if weights == "imagenet":
-            raise WeightsError(
-                f"could not get ImageNet weights for {name} ({err}); on an offline machine copy "
-                f"{ms.imagenet_file} into ~/.keras/models/ or pass weights='none' or a local file"
-            ) from err
-        if weights is not None:
-            raise WeightsError(f"{weights}: cannot load as {name} backbone weights ({err})") from err
-        raise
+    backbone = build_application(ms.constructor, weights=weights, imagenet_file=ms.imagenet_file,
+                                 what=f"{name} backbone", include_top=False, input_shape=input_shape)
     last = backbone.get_layer(ms.features_layer)
     if last is not backbone.layers[-1]:
         # VGG19 ends in a max pool; stopping at block5_conv4 keeps a 2x finer Grad-CAM grid,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -20,13 +21,44 @@ from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.tf_setup import configure_graph_training
+from data.training import (build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm, set_bn_momentum,
+                           steps_per_epoch, write_history_csv)
 from ensemble.calibration import fit_temperature
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
-from ensemble.members import resolve_weights
+from ensemble.members import MEMBERS, resolve_weights
+
+#: A fitted temperature at or above this means validation predictions are nearly uninformative.
+TEMPERATURE_WARNING = 10.0
 
 #: The paper's Table II class weights (COVID-19 4283, pneumonia 1587, normal 701), as given.
 PAPER_CLASS_WEIGHTS = {"normal": 701.0, "pneumonia": 1587.0, "covid": 4283.0}
+
+
+#: Named recipes. A preset supplies the values of the keys a config or the command line leaves
+#: unset. "paper": the dataclass defaults (Adam 1e-4, batch 30, 60 epochs, plateau LR, early
+#: stopping, 30 % of each ImageNet backbone frozen). "scratch": what from-scratch training on a few
+#: thousand X-rays needs (see data.training and the README's "Training from scratch"); the default
+#: whenever weights = "none".
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "scratch": {
+        "optimizer": "adamw", "weight_decay": 0.01, "learning_rate": 1e-3, "lr_schedule": "cosine",
+        "warmup_epochs": 2, "label_smoothing": 0.1, "bn_momentum": 0.9, "bn_reestimate_batches": 32,
+        "freeze_fraction": 0.0, "batch_size": 32, "epochs": 30, "early_stopping_patience": 0,
+        # VGG19 has no BatchNorm: from scratch at 1e-3 it stays at chance (see the README).
+        "member_lr_scale": {"vgg19": 0.1},
+    },
+}
+
+
+def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` completed by its preset: ``values["preset"]``, else "scratch" when weights is
+    "none" and "paper" otherwise. Keys given in ``values`` always win."""
+    from data.weights import is_none
+
+    name = values.get("preset") or ("scratch" if is_none(values.get("weights", "imagenet")) else "paper")
+    return {**PRESETS.get(name, {}), **values, "preset": name}  # an unknown name fails in the settings check
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,15 @@ class ClassifierSettings:
     reduce_lr_factor: float = 0.5
     seed: int = 0
     run_eagerly: bool = False
+    preset: str = "paper"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    bn_momentum: float | None = None  # None keeps Keras' 0.99
+    bn_reestimate_batches: int = 0
+    member_lr_scale: dict[str, float] | None = None  # soft vote: each member's LR = learning_rate × scale
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", parse_members(self.members))
@@ -66,6 +107,22 @@ class ClassifierSettings:
             missing = set(spec.CLASS_NAMES) - set(self.class_weights)
             if unknown or missing:
                 raise ValueError(f"class_weights needs exactly {list(spec.CLASS_NAMES)}; unknown {sorted(unknown)}, missing {sorted(missing)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
+                     epochs=self.epochs, label_smoothing=self.label_smoothing, bn_momentum=self.bn_momentum,
+                     weight_decay=self.weight_decay)
+        if self.member_lr_scale:
+            unknown = sorted(set(self.member_lr_scale) - set(MEMBERS))
+            if unknown:
+                raise ValueError(f"member_lr_scale names unknown member(s) {unknown}; valid: {', '.join(MEMBERS)}")
+            if any(not 0 < v <= 100 for v in self.member_lr_scale.values()):
+                raise ValueError(f"member_lr_scale values must be in (0, 100], got {self.member_lr_scale}")
+        if self.bn_reestimate_batches < 0:
+            raise ValueError("bn_reestimate_batches must be ≥ 0")
+
+    def member_learning_rate(self, member: str) -> float:
+        return self.learning_rate * (self.member_lr_scale or {}).get(member, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -96,19 +153,31 @@ class TrainResult:
     class_weights: dict[str, float]
     temperature: float
     failures: list[tuple[str, str]]
+    validation: dict[str, Any] = dataclasses.field(default_factory=dict)  # val accuracy, temperature, timings
 
 
 def _with_targets(ds, outputs: list[str], weights: np.ndarray):
-    """(x, onehot) → (x, {output: onehot}, sample_weight) for the multi-output model."""
+    """(x, onehot) → (x, onehot or {output: onehot}, sample_weight)."""
     import tensorflow as tf
 
     table = tf.constant(weights, dtype=tf.float32)
 
     def fn(x, y):
         w = tf.gather(table, tf.argmax(y, axis=-1))
-        return x, {name: y for name in outputs}, w
+        return x, (y if len(outputs) == 1 else {name: y for name in outputs}), w
 
     return ds.map(fn)
+
+
+def training_units(settings: ClassifierSettings) -> list[tuple[str, list[str], float]]:
+    """(name, outputs with a loss, learning rate) of each separately optimised part of the model.
+
+    Soft vote: each member alone on its own loss and learning rate (the members share no weight,
+    so this is the paper's "train each network, then average"). Concat: one joint unit.
+    """
+    if settings.variant == "softvote":
+        return [(m, [f"{m}_probs"], settings.member_learning_rate(m)) for m in settings.members]
+    return [("concat", loss_outputs(settings.members, settings.variant), settings.learning_rate)]
 
 
 def train_classifier(
@@ -119,10 +188,12 @@ def train_classifier(
     *,
     verbose: int | None = None,
 ) -> TrainResult:
-    """Train, pick the best epoch on validation loss, fit the temperature, save the bundle.
+    """Train, keep each unit's best epoch on validation loss, re-estimate BatchNorm statistics,
+    fit the temperature, save the bundle.
 
-    ``out_dir`` receives model.keras + model.json, training_log.csv and the best-epoch
-    checkpoint. Unreadable images are skipped and returned in ``failures``.
+    ``out_dir`` receives model.keras + model.json, training_log.csv (all units; per soft-vote
+    member also ``{member}.training_log.csv``) and the best-epoch checkpoints. Unreadable images
+    are skipped and returned in ``failures``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,58 +217,89 @@ def train_classifier(
         weights=settings.weights, input_shape=shape, freeze_fraction=settings.freeze_fraction,
         dropout=settings.dropout,
     )
-    outputs = loss_outputs(settings.members, settings.variant)
-    # A training view over the same layers exposing only the outputs that carry a loss;
-    # the saved model keeps all outputs (features for Grad-CAM, member probabilities).
-    trainer = keras.Model(model.input, {name: model.output[name] for name in outputs}, name="trainer")
+    set_bn_momentum(model, settings.bn_momentum)
     if not settings.run_eagerly:
         configure_graph_training()
-    trainer.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
-        loss={name: "categorical_crossentropy" for name in outputs},
-        metrics={name: ["accuracy"] for name in outputs},
-        run_eagerly=settings.run_eagerly,
-        jit_compile=False,
-    )
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed)
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
     val_ds = make_dataset(val, **common)
-    ckpt = out_dir / "best.weights.h5"
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=settings.reduce_lr_factor,
-                                          patience=settings.reduce_lr_patience, min_lr=1e-7),
-        keras.callbacks.CSVLogger(out_dir / "training_log.csv"),
-    ]
     if verbose is None:
         verbose = 1 if sys.stderr.isatty() else 2
-    hist = trainer.fit(
-        _with_targets(train_ds, outputs, cw_vec),
-        validation_data=_with_targets(val_ds, outputs, np.ones_like(cw_vec)),
-        epochs=settings.epochs,
-        callbacks=callbacks,
-        shuffle=False,  # make_dataset shuffles, seeded per epoch
-        verbose=verbose,
-    )
-    if ckpt.is_file():
-        trainer.load_weights(ckpt)
-    # Temperature on the validation split, from the best epoch's probabilities.
-    labels, raw = [], []
+    units = training_units(settings)
+    history: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for name, outputs, lr in units:
+        # A training view over the ensemble's own layers with only this unit's outputs: fitting it
+        # updates this unit's weights in `model`; the saved model keeps every output.
+        out_spec = model.output[outputs[0]] if len(outputs) == 1 else {o: model.output[o] for o in outputs}
+        trainer = keras.Model(model.input, out_spec, name=f"trainer_{name}")
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
+        trainer.compile(
+            optimizer=build_optimizer(settings.optimizer, lr, schedule=settings.lr_schedule, epochs=settings.epochs,
+                                      steps_per_epoch=steps_per_epoch(len(train), settings.batch_size),
+                                      warmup_epochs=settings.warmup_epochs, weight_decay=settings.weight_decay),
+            loss=loss if len(outputs) == 1 else {o: loss for o in outputs},
+            metrics=["accuracy"] if len(outputs) == 1 else {o: ["accuracy"] for o in outputs},
+            run_eagerly=settings.run_eagerly,
+            jit_compile=False,
+        )
+        prefix = f"{name}." if len(units) > 1 else ""
+        callbacks, ckpt = build_callbacks(out_dir, schedule=settings.lr_schedule, prefix=prefix,
+                                          early_stopping_patience=settings.early_stopping_patience,
+                                          reduce_lr_patience=settings.reduce_lr_patience,
+                                          reduce_lr_factor=settings.reduce_lr_factor)
+        t0 = time.perf_counter()
+        hist = trainer.fit(
+            _with_targets(train_ds, outputs, cw_vec),
+            validation_data=_with_targets(val_ds, outputs, np.ones_like(cw_vec)),
+            epochs=settings.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # make_dataset shuffles, seeded per epoch
+            verbose=verbose,
+        )
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        if ckpt.is_file():
+            trainer.load_weights(ckpt)
+        for key, values in hist.history.items():
+            key = key if len(outputs) > 1 else (f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}")
+            history[key] = [float(v) for v in values]
+    if len(units) > 1:
+        write_history_csv(out_dir / "training_log.csv", history)
+    plain = make_dataset(train, shuffle=True, **common)  # no augmentation: the statistics inference will see
+    bn_batches = reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
+    # Temperature on the validation split, from the final model's probabilities.
+    labels, raw, members_raw = [], [], {}
     for x, y in val_ds:
-        raw.append(np.asarray(model.predict_on_batch(np.asarray(x))["probs"]))
+        out = model.predict_on_batch(np.asarray(x))
+        raw.append(np.asarray(out["probs"]))
+        for m in settings.members:
+            if f"{m}_probs" in out:
+                members_raw.setdefault(m, []).append(np.asarray(out[f"{m}_probs"]))
         labels.append(np.asarray(y).argmax(axis=1))
     labels_v, raw_v = np.concatenate(labels), np.concatenate(raw)
     temperature = fit_temperature(raw_v, labels_v)
     if not math.isfinite(temperature):
         raise RuntimeError(f"temperature fit gave {temperature}; validation probabilities are degenerate")
+    validation = {
+        "n": int(len(labels_v)),
+        "accuracy": float((raw_v.argmax(1) == labels_v).mean()),
+        "member_accuracy": {m: float((np.concatenate(v).argmax(1) == labels_v).mean()) for m, v in members_raw.items()},
+        "temperature": temperature,
+        "bn_reestimate_batches": bn_batches,
+        "train_seconds": seconds,
+    }
+    if temperature >= TEMPERATURE_WARNING:
+        # A temperature this high flattens every probability towards 1/3: the model's validation
+        # predictions carry almost no information. Say so rather than hide it.
+        print(f"warning: temperature {temperature:.1f} on validation (accuracy {validation['accuracy']:.3f}): "
+              "the classifier has not learned; see the README's 'Training from scratch'", file=sys.stderr)
     config = {**settings.to_dict(), "class_weight_table": cw, "n_train": len(train), "n_val": len(val)}
     save_classifier(
         model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
         config=config, temperature=temperature, member_weights=settings.member_weights,
         resize_mode=settings.resize_mode, clahe=settings.clahe, weight_files=weight_files,
+        extra_meta={"validation": validation},
     )
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    return TrainResult(load_classifier(out_dir), history, cw, temperature, list(failures.items))
+    return TrainResult(load_classifier(out_dir), history, cw, temperature, list(failures.items), validation)

@@ -19,7 +19,8 @@ from data import spec
 from data.datasets import DatasetError, FailureLog, Record
 from data.splits import SPLIT_NAMES, read_splits, select_split
 from data.stream import stream_images
-from pipeline.common import prepare_output_dir, resolve_splits, run_metadata, write_failures
+from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
+                             write_failures)
 from pipeline.config import build_settings, read_toml, settings_to_toml
 from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc, write_json
 
@@ -46,11 +47,11 @@ def train_classifier_job(
     verbose: int | None = None,
 ):
     """Train a classifier on the train split of ``records`` and validate on its val split."""
-    from ensemble.train import ClassifierSettings, train_classifier
+    from ensemble.train import ClassifierSettings, train_classifier, with_preset
 
     values = read_toml(config) if config is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = build_settings(ClassifierSettings, values, source=str(config or "arguments"))
+    settings = build_settings(ClassifierSettings, with_preset(values), source=str(config or "arguments"))
     from ensemble.members import resolve_weights
 
     for m in settings.members:  # local weight files are checked before any image is read
@@ -117,10 +118,13 @@ def evaluate_classifier_job(
     n_boot: int = 1000,
     batch_size: int = 8,
     engine: str = "keras",
+    include_training: bool = False,
     progress=None,
 ) -> dict[str, Any]:
     """metrics.json (+ per source, per member), predictions.csv, failures.csv and plots in ``out``.
 
+    Without ``splits``, images the bundle trained or validated on (its splits.csv) are left out
+    unless ``include_training`` (metrics.json says which). CIs resample patients.
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
     """
     from ensemble.classifier import load_classifier
@@ -133,6 +137,9 @@ def evaluate_classifier_job(
         records = select_split(records, read_splits(splits), split)
         if not records:
             raise DatasetError(f"{splits}: no images of this folder are in split {split!r}")
+        scope: dict[str, Any] = {"scored": f"split {split!r} of {splits}", "excluded_training_images": 0}
+    else:
+        records, scope = held_out_records(records, model_dir, include_training=include_training)
     if any(r.label is None for r in records):
         raise DatasetError("evaluation needs a label for every image (class folders or a manifest label column)")
     table = classify_files(classifier, [r.path for r in records], batch_size=batch_size, progress=progress)
@@ -140,15 +147,18 @@ def evaluate_classifier_job(
         raise DatasetError("no image could be read; see failures.csv")
     kept = [records[i] for i in table.indices]
     labels = np.array([spec.class_index(r.label) for r in kept])
-    metrics = classification_metrics(labels, table.probs, uncalibrated=table.raw_probs, n_boot=n_boot)
+    patients = patient_ids(kept)
+    metrics = classification_metrics(labels, table.probs, uncalibrated=table.raw_probs, n_boot=n_boot, groups=patients)
+    metrics["evaluated"] = scope
     metrics["model"] = {"path": str(model_dir), "sha256": classifier.checkpoint_sha256,
                         "members": list(classifier.members), "variant": classifier.variant, "engine": engine,
                         "temperature": classifier.temperature}
     sources = [r.source for r in kept]
     if any(sources):
-        metrics["per_source"] = metrics_by_group(labels, table.probs, sources, n_boot=n_boot)
+        metrics["per_source"] = metrics_by_group(labels, table.probs, sources, patients=patients, n_boot=n_boot)
     if len(classifier.members) > 1 and table.member_probs:
-        metrics["per_member"] = {m: classification_metrics(labels, p, n_boot=n_boot) for m, p in table.member_probs.items()}
+        metrics["per_member"] = {m: classification_metrics(labels, p, n_boot=n_boot, groups=patients)
+                                 for m, p in table.member_probs.items()}
     metrics["failures"] = len(table.failures)
     write_json(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.csv", kept, table)

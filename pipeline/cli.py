@@ -116,12 +116,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     records = _records_from_args(args)
     metrics = evaluate_classifier_job(args.model, records, args.out, splits=args.splits, split=args.split,
-                                      n_boot=args.bootstrap, engine=args.engine, progress=_progress("evaluating"))
+                                      n_boot=args.bootstrap, engine=args.engine, include_training=args.include_training,
+                                      progress=_progress("evaluating"))
+    _print_scope(metrics["evaluated"])
     print(metrics_table(metrics))
     for source, m in metrics.get("per_source", {}).items():
         print(f"source {source}: accuracy {m['accuracy']['value']:.3f} (n = {m['n']})")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return EXIT_SOME_FAILED if metrics["failures"] else EXIT_OK
+
+
+def _print_scope(scope: dict) -> None:
+    """Say which images were scored (held-out only unless --include-training)."""
+    excluded = scope.get("excluded_training_images", 0)
+    extra = f"; left out {excluded} image(s) the model trained or validated on (--include-training scores them)" if excluded else ""
+    print(f"scored: {scope['scored']}{extra}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -193,7 +202,9 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
 
     records = gather_records(args.images, manifest=args.manifest, masks=args.masks, mask_kinds=[args.kind])
     m = evaluate_segmenter_job(args.model, records, args.out, kind=args.kind, splits=args.splits, split=args.split,
-                               n_boot=args.bootstrap, engine=args.engine, progress=_progress("segmenting"))
+                               n_boot=args.bootstrap, engine=args.engine, include_training=args.include_training,
+                               progress=_progress("segmenting"))
+    _print_scope(m["evaluated"])
     for k in SCORE_KEYS:
         ci = m[k].get("ci95")
         print(f"{k:<9} {m[k]['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
@@ -373,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(ev)
     ev.add_argument("--splits", type=_existing_file)
     ev.add_argument("--split", choices=("train", "val", "test"), default="test")
-    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (of patients) for the 95%% CIs (0: none)")
+    ev.add_argument("--include-training", action="store_true",
+                    help="also score images the model trained or validated on (default: held-out images only)")
     ev.add_argument("--out", required=True)
     _engine_arg(ev)
     ev.set_defaults(func=_cmd_evaluate)
@@ -433,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--kind", required=True)
     es.add_argument("--splits", type=_existing_file)
     es.add_argument("--split", choices=("train", "val", "test"), default="test")
-    es.add_argument("--bootstrap", type=int, default=1000)
+    es.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (of patients) for the 95%% CIs")
+    es.add_argument("--include-training", action="store_true",
+                    help="also score images the model trained or validated on (default: held-out images only)")
     es.add_argument("--out", required=True)
     _engine_arg(es)
     es.set_defaults(func=_cmd_evaluate_segmenter)
@@ -526,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         user_errors += (ExportError,)
     if args.command in ("train-classifier", "train-segmenter", "reproduce", "demo"):
-        from ensemble.members import WeightsError
+        from data.weights import WeightsError
 
         user_errors += (WeightsError,)
     try:

@@ -50,6 +50,32 @@ def resolve_splits(records: Sequence[Record], splits: str | os.PathLike[str] | N
     return assignment
 
 
+def held_out_records(records: Sequence[Record], model_dir: str | os.PathLike[str], *,
+                     include_training: bool = False) -> tuple[list[Record], dict[str, Any]]:
+    """The records a bundle did not train or validate on, and what was done (for metrics.json).
+
+    A bundle's ``splits.csv`` lists the images it was trained and validated on; scoring those is
+    not a held-out result, so they are left out unless ``include_training``. Images the bundle
+    never saw (absent from its splits.csv) are kept. DatasetError when nothing is left.
+    """
+    side = Path(model_dir) / "splits.csv"
+    if include_training or not side.is_file():
+        why = "--include-training" if include_training else "the bundle has no splits.csv"
+        return list(records), {"scored": "all images", "why": why, "excluded_training_images": 0}
+    assignment = read_splits(side)
+    kept = [r for r in records if assignment.get(r.key, "test") == "test"]
+    excluded = len(records) - len(kept)
+    if not kept:
+        raise DatasetError(f"all {len(records)} images were used to train or validate {model_dir} (its splits.csv); "
+                           "evaluate on other images, or pass --include-training to score them anyway")
+    return kept, {"scored": "held-out images only", "excluded_training_images": excluded, "splits": str(side)}
+
+
+def patient_ids(records: Sequence[Record]) -> list[str]:
+    """One id per record for patient-level bootstraps: patient id, else group id, else the file."""
+    return [r.patient_id or r.group_id or r.key for r in records]
+
+
 def run_metadata(settings: dict[str, Any], *, seed: int) -> dict[str, Any]:
     """What a run directory records besides its results."""
     return {"config": settings, "seed": seed, "git_revision": git_revision(), "package_versions": package_versions(),

@@ -43,8 +43,9 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> tuple[Experiment, Any, Any]:
     """(experiment, classifier settings or None, segmenter settings or None) from a TOML file."""
-    from ensemble.train import ClassifierSettings
+    from ensemble.train import ClassifierSettings, with_preset
     from segmenter.train import SegmenterSettings
+    from segmenter.train import with_preset as with_seg_preset
 
     path = Path(path)
     values = read_toml(path)
@@ -72,12 +73,13 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Any, Any]:
         prefix = "seg_" if key.startswith("seg_") and "seg_" in stage_fields else ""
         split[prefix][key[len(prefix):]] = value
     exp = build_settings(Experiment, exp_values, source=str(path), required=("task", "name"))
-    clf = build_settings(stage_fields[""], split[""], source=str(path)) if task in ("classifier", "protocol") else None
+    clf = (build_settings(ClassifierSettings, with_preset(split[""]), source=str(path))
+           if task in ("classifier", "protocol") else None)
     seg = None
     if task == "segmenter":
-        seg = build_settings(SegmenterSettings, split[""], source=str(path))
+        seg = build_settings(SegmenterSettings, with_seg_preset(split[""]), source=str(path))
     elif task == "protocol":
-        seg = build_settings(SegmenterSettings, split["seg_"], source=str(path))
+        seg = build_settings(SegmenterSettings, with_seg_preset(split["seg_"]), source=str(path))
     return exp, clf, seg
 
 

@@ -16,7 +16,8 @@ from data.io import ImageReadError, read_mask
 from data.preprocess import Geometry
 from data.splits import read_splits, select_split
 from data.stream import stream_images
-from pipeline.common import prepare_output_dir, resolve_splits, run_metadata, write_failures
+from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
+                             write_failures)
 from pipeline.config import build_settings, read_toml, settings_to_toml
 from pipeline.report import plot_gallery, plot_history, write_json
 
@@ -36,11 +37,14 @@ class SegTrainJobResult:
 def train_segmenter_job(records: Sequence[Record], out, *, config=None, overrides: dict[str, Any] | None = None,
                         splits=None, allow_leaks: bool = False, progress=None, verbose: int | None = None) -> SegTrainJobResult:
     """Train a segmenter on the records that carry the configured mask kind (patient-level split)."""
-    from segmenter.train import SegmenterSettings, train_segmenter
+    from data.weights import resolve_weights_file
+    from segmenter.train import SegmenterSettings, train_segmenter, with_preset
+    from segmenter.unet import ENCODER_FILE
 
     values = read_toml(config) if config is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = build_settings(SegmenterSettings, values, source=str(config or "arguments"))
+    settings = build_settings(SegmenterSettings, with_preset(values), source=str(config or "arguments"))
+    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE, what="densenet121")  # local files, before any image
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
@@ -63,15 +67,18 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     return SegTrainJobResult(out, result.history, len(train), len(val), result.failures, time.perf_counter() - t0)
 
 
-def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Mean with a percentile-bootstrap 95 % interval over images."""
+def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
+            groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Mean with a percentile-bootstrap 95 % interval, resampling patients (``groups``, one id per
+    value) when given, else values."""
+    from ensemble.evaluate import bootstrap_indices
+
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return {"value": None, "ci95": None}
     out: dict[str, Any] = {"value": float(v.mean())}
     if n_boot:
-        rng = np.random.default_rng(seed)
-        means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
+        means = [v[idx].mean() for idx in bootstrap_indices(v.size, n_boot=n_boot, seed=seed, groups=groups)]
         out["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
     return out
 
@@ -93,8 +100,10 @@ def _to_original(prob: np.ndarray, geo: Geometry) -> np.ndarray:
 
 def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,
                            split: str = "test", n_boot: int = 1000, gallery: int = 8, engine: str = "keras",
-                           progress=None) -> dict[str, Any]:
-    """metrics.json (Dice, IoU, precision, recall with 95 % CIs; pooled; HD95), per_image.csv, gallery.png.
+                           include_training: bool = False, progress=None) -> dict[str, Any]:
+    """metrics.json (Dice, IoU, precision, recall with 95 % CIs over patients; pooled; HD95), per_image.csv,
+    gallery.png. Without ``splits``, images the bundle trained or validated on are left out unless
+    ``include_training`` (see pipeline.common.held_out_records).
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
     """
@@ -105,9 +114,12 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     seg.use_engine(engine)
     kind = kind or seg.kind
     out = prepare_output_dir(out, marker="metrics.json")
+    records = [r for r in records if kind in r.masks]
     if splits is not None:
         records = select_split(records, read_splits(splits), split)
-    records = [r for r in records if kind in r.masks]
+        scope: dict[str, Any] = {"scored": f"split {split!r} of {splits}", "excluded_training_images": 0}
+    elif records:
+        records, scope = held_out_records(records, model_dir, include_training=include_training)
     if not records:
         raise DatasetError(f"no image with a {kind!r} mask to evaluate on")
     failures = FailureLog()
@@ -128,13 +140,15 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         h = hausdorff95(truth, pred)
         if h is not None:
             hd.append(h)
-        rows.append({"file": records[i].key, **scores, "hd95": h})
+        rows.append({"file": records[i].key, **scores, "hd95": h, "_patient": patient_ids([records[i]])[0]})
         if len(examples) < gallery:
             examples.append((records[i].key, orig, truth, pred))
     if not rows:
         raise DatasetError("no image could be evaluated; see failures.csv")
     tp, fp, fn = (int(v) for v in tp_fp_fn)
-    metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot) for k in SCORE_KEYS}
+    patients = [r.pop("_patient") for r in rows]
+    metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot, groups=patients) for k in SCORE_KEYS}
+    metrics["evaluated"] = {**scope, "bootstrap": "percentile, resampling patients"}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}

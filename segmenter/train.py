@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -23,6 +23,8 @@ from data.datasets import FailureLog, Record, make_dataset
 from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from data.tf_setup import configure_graph_training
+from data.training import (build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm, set_bn_momentum,
+                           steps_per_epoch)
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
@@ -41,6 +43,29 @@ def dice_coefficient(y_true, y_pred):
     y_true = ops.cast(y_true, y_pred.dtype)
     inter = ops.sum(y_true * y_pred)
     return (2.0 * inter + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
+
+
+#: Named recipes (as ensemble.train.PRESETS): "paper" is the dataclass defaults (Adam 1e-4, 40
+#: epochs, plateau LR); "scratch", the default whenever weights = "none", is what from-scratch
+#: training needs (data.training explains the BatchNorm part).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "scratch": {
+        "optimizer": "adamw", "weight_decay": 0.01, "learning_rate": 1e-3, "lr_schedule": "cosine",
+        "warmup_epochs": 1, "bn_momentum": 0.9, "bn_reestimate_batches": 16, "epochs": 30,
+        "early_stopping_patience": 0,
+    },
+}
+
+
+def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` completed by its preset: ``values["preset"]``, else "scratch" when the encoder
+    starts from random weights (weights "none", or FC-DenseNet103) and "paper" otherwise."""
+    from data.weights import is_none
+
+    scratch = is_none(values.get("weights", "imagenet")) or values.get("arch") == "fc-densenet103"
+    name = values.get("preset") or ("scratch" if scratch else "paper")
+    return {**PRESETS.get(name, {}), **values, "preset": name}  # an unknown name fails in the settings check
 
 
 @dataclass(frozen=True)
@@ -67,8 +92,21 @@ class SegmenterSettings:
     min_lesion_area: int = 16
     seed: int = 0
     run_eagerly: bool = False
+    preset: str = "paper"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
+    bn_momentum: float | None = None  # None keeps Keras' 0.99
+    bn_reestimate_batches: int = 0
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
+                     epochs=max(self.epochs, 1), bn_momentum=self.bn_momentum, weight_decay=self.weight_decay)
+        if self.bn_reestimate_batches < 0:
+            raise ValueError("bn_reestimate_batches must be ≥ 0")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         get_loss(self.loss)
@@ -201,10 +239,14 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
                          f"found {len(train)} train, {len(val)} val")
     keras.utils.set_random_seed(settings.seed)
     model = build_segmenter(settings)
+    set_bn_momentum(model, settings.bn_momentum)
     if not settings.run_eagerly:
         configure_graph_training()
-    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=get_loss(settings.loss),
-                  metrics=[dice_coefficient], run_eagerly=settings.run_eagerly, jit_compile=False)
+    optimizer = build_optimizer(settings.optimizer, settings.learning_rate, schedule=settings.lr_schedule,
+                                epochs=settings.epochs, steps_per_epoch=steps_per_epoch(len(train), settings.batch_size),
+                                warmup_epochs=settings.warmup_epochs, weight_decay=settings.weight_decay)
+    model.compile(optimizer=optimizer, loss=get_loss(settings.loss), metrics=[dice_coefficient],
+                  run_eagerly=settings.run_eagerly, jit_compile=False)
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed,
@@ -213,17 +255,15 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     val_ds = make_dataset(val, **common)
     if settings.classes == "lung-lesion":
         train_ds, val_ds = train_ds.map(lung_lesion_targets), val_ds.map(lung_lesion_targets)
-    ckpt = out_dir / "best.weights.h5"
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=settings.reduce_lr_patience, min_lr=1e-7),
-        keras.callbacks.CSVLogger(out_dir / "training_log.csv"),
-    ]
+    callbacks, ckpt = build_callbacks(out_dir, schedule=settings.lr_schedule,
+                                      early_stopping_patience=settings.early_stopping_patience,
+                                      reduce_lr_patience=settings.reduce_lr_patience, reduce_lr_factor=0.5)
     hist = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks, shuffle=False,
                      verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
     if ckpt.is_file():
         model.load_weights(ckpt)
+    plain = make_dataset(train, shuffle=True, **common)  # no augmentation
+    reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes, "threshold": settings.threshold,
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}

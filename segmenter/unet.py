@@ -13,6 +13,10 @@ import keras
 from keras import layers
 
 from data.normalization import torch_normalization
+from data.weights import build_application, resolve_weights_file
+
+#: Keras's no-top DenseNet121 file (what a local --weights folder must hold).
+ENCODER_FILE = "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 SKIPS = ("pool4_conv", "pool3_conv", "pool2_conv", "conv1_relu")
 DECODER_FILTERS = (256, 128, 64, 32, 16)
@@ -47,7 +51,8 @@ def build_unet(
     """(B, S, S, 3) float32 in [0, 255] → (B, S, S, num_classes) probabilities.
 
     ``num_classes`` 1: lesion vs background (sigmoid); 3: background / lung / lesion (softmax).
-    ``weights``: None, "imagenet" or a DenseNet121 no-top weights file for the encoder.
+    ``weights``: None, "imagenet", a DenseNet121 no-top weights file, or a folder holding it
+    (data.weights.WeightsError with the fix when it cannot be had).
     """
     validate_size(input_size)
     if num_classes < 1:
@@ -56,7 +61,11 @@ def build_unet(
         raise ValueError(f"decoder_filters needs 5 values, got {decoder_filters}")
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = torch_normalization("encoder_preprocess")(inputs)
-    encoder = keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
+    encoder = build_application(
+        keras.applications.DenseNet121, weights=resolve_weights_file(weights, imagenet_file=ENCODER_FILE, what="densenet121"),
+        imagenet_file=ENCODER_FILE, what="the U-Net's DenseNet121 encoder", include_top=False,
+        input_shape=(input_size, input_size, 3),
+    )
     encoder.trainable = not freeze_encoder
     # One functional model that exposes the skip tensors, applied to the normalised input.
     taps = keras.Model(encoder.input, [encoder.output, *[encoder.get_layer(s).output for s in SKIPS]], name="densenet121_encoder")

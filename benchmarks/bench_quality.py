@@ -1,0 +1,310 @@
+"""Do the models learn? Train on real X-rays, score held-out patients, compare with baselines.
+
+    python benchmarks/bench_quality.py [--json OUT] [--quick] [--data DIR ...] [--masks DIR ...]
+
+Default data: ../shared/data/cxr + ../shared/data/large/cxr (masks beside each). One
+patient-disjoint split (patients, manifest groups and near-duplicates never straddle it) is
+used by everything trained in this run:
+
+* baselines trained here, on the same split: a random forest on 32x32 thumbnails and a plain
+  small CNN (four conv-conv-pool blocks) at the classifier's input size;
+* the ensemble, trained by the production trainer (``ensemble.train.train_classifier``, the
+  "scratch" preset), each member alone and the soft vote;
+* the infection and lung U-Nets (``segmenter.train.train_segmenter``, "scratch" preset).
+
+Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
+per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
+epochs in force are printed first. Defaults fit the 2-core reference CPU in about 90 minutes;
+``--quick`` in about 10. Results are written after each stage (``--json``), so an interrupted
+run keeps what it finished. Skips with a reason when the data folders are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from data import spec  # noqa: E402
+from data.datasets import DatasetError, Record, load_example, load_records, pair_masks  # noqa: E402
+from data.io import ImageReadError  # noqa: E402
+from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = [SHARED / "cxr", SHARED / "large" / "cxr"]
+DEFAULT_MASKS = [SHARED / "cxr_masks", SHARED / "large" / "cxr_masks"]
+
+#: (default, --quick) settings; each fits its time budget on the 2-core reference CPU.
+PROFILES = {
+    "default": dict(size=96, epochs=16, max_train=None, seg_size=128, seg_epochs=16, lung_epochs=8,
+                    cnn_epochs=30, members=("densenet121", "efficientnetb0", "vgg19")),
+    "quick": dict(size=64, epochs=4, max_train=600, seg_size=64, seg_epochs=6, lung_epochs=3,
+                  cnn_epochs=10, members=("densenet121", "efficientnetb0", "vgg19")),
+}
+
+
+def gather(data_dirs: list[Path], mask_dirs: list[Path]) -> list[Record]:
+    """Records of every data folder, keys prefixed by the folder's name so they stay unique."""
+    records = []
+    for d, m in zip(data_dirs, mask_dirs):
+        rs = load_records(d)
+        if m.is_dir():
+            kinds = [k for k in ("infection", "lung") if (m / k).is_dir()]
+            rs = pair_masks(rs, m, kinds)
+        tag = d.parent.name if d.name == "cxr" else d.name
+        records += [replace(r, name=f"{tag}/{r.name}", patient_id=r.patient_id or "",
+                            source=r.source or tag) for r in rs]
+    return records
+
+
+def patients_of(records) -> list[str]:
+    return [r.patient_id or r.group_id or r.key for r in records]
+
+
+def thumbnails(records, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for r in records:
+        try:
+            x, _ = load_example(r, size=size)
+        except ImageReadError:
+            continue
+        xs.append(x.mean(axis=2).ravel() / 255.0)
+        ys.append(spec.class_index(r.label))
+    return np.array(xs, np.float32), np.array(ys)
+
+
+def score(name: str, labels: np.ndarray, probs: np.ndarray, records, *, seconds: float, images_seen: int,
+          n_boot: int) -> dict:
+    from ensemble.evaluate import classification_metrics, metrics_by_group
+
+    pats = patients_of(records)
+    m = classification_metrics(labels, probs, n_boot=n_boot, groups=pats)
+    per_source = metrics_by_group(labels, probs, [r.source for r in records], patients=pats, n_boot=0)
+    return {
+        "model": name, "n": int(len(labels)),
+        "accuracy": m["accuracy"],
+        "sensitivity": {c: m["per_class"][c]["sensitivity"]["value"] for c in spec.CLASS_NAMES},
+        "macro_auc": m["macro"]["auc"]["value"],
+        "ece": m["ece"]["value"],
+        "per_source_accuracy": {s: {"value": v["accuracy"]["value"], "n": v["n"]} for s, v in per_source.items()},
+        "confusion": m["confusion_matrix"]["counts"],
+        "train_seconds": round(seconds, 1),
+        "train_img_per_s": round(images_seen / seconds, 2) if seconds else None,
+    }
+
+
+def random_forest(train, test, n_boot: int) -> dict:
+    from sklearn.ensemble import RandomForestClassifier
+
+    xt, yt = thumbnails(train)
+    xs, ys = thumbnails(test)
+    t0 = time.perf_counter()
+    rf = RandomForestClassifier(n_estimators=300, class_weight="balanced", random_state=0, n_jobs=-1).fit(xt, yt)
+    seconds = time.perf_counter() - t0
+    return score("thumbnail RF (32x32)", ys, rf.predict_proba(xs), test, seconds=seconds, images_seen=len(yt),
+                 n_boot=n_boot)
+
+
+def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, workdir: Path) -> dict:
+    """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe."""
+    import keras
+    from keras import layers
+
+    from data.augment import AugmentParams
+    from data.datasets import make_dataset
+    from data.training import build_optimizer, reestimate_batchnorm, steps_per_epoch
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, 3))
+    x = layers.Rescaling(1 / 255.0)(inp)
+    for filters in (32, 64, 128, 256):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization(momentum=0.9)(x)
+            x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3)(x)
+    model = keras.Model(inp, layers.Dense(spec.NUM_CLASSES, activation="softmax")(x))
+    model.compile(build_optimizer("adamw", 1e-3, schedule="cosine", epochs=epochs,
+                                  steps_per_epoch=steps_per_epoch(len(train), 32), warmup_epochs=1, weight_decay=0.01),
+                  keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"], jit_compile=False)
+    common = dict(size=size, batch_size=32, seed=0)
+    t0 = time.perf_counter()
+    model.fit(make_dataset(train, shuffle=True, augment_params=AugmentParams(), **common),
+              validation_data=make_dataset(val, **common), epochs=epochs, verbose=0)
+    reestimate_batchnorm(model, (np.asarray(x) for x, _ in make_dataset(train, shuffle=True, **common)), max_batches=16)
+    seconds = time.perf_counter() - t0
+    xs, ys = [], []
+    for x, y in make_dataset(test, **common):
+        xs.append(model.predict_on_batch(np.asarray(x)))
+        ys.append(np.asarray(y).argmax(1))
+    return score(f"small CNN ({size} px, {epochs} ep)", np.concatenate(ys), np.concatenate(xs), test,
+                 seconds=seconds, images_seen=len(train) * epochs, n_boot=n_boot)
+
+
+def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: int, workdir: Path) -> list[dict]:
+    from ensemble.train import ClassifierSettings, train_classifier, with_preset
+    from pipeline.classifier_jobs import classify_files
+
+    settings = ClassifierSettings(**with_preset({"weights": "none", "members": members, "image_size": size,
+                                                 "epochs": epochs}))
+    t0 = time.perf_counter()
+    res = train_classifier(settings, train, val, workdir / "classifier", verbose=0)
+    seconds = time.perf_counter() - t0
+    table = classify_files(res.classifier, [r.path for r in test])
+    kept = [test[i] for i in table.indices]
+    labels = np.array([spec.class_index(r.label) for r in kept])
+    rows = []
+    for m in members:
+        s = res.validation["train_seconds"].get(m, seconds)
+        rows.append(score(f"{m} ({size} px, {epochs} ep)", labels, table.member_probs[m], kept, seconds=s,
+                          images_seen=len(train) * epochs, n_boot=n_boot))
+    rows.append(score(f"ensemble soft vote ({len(members)})", labels, table.probs, kept, seconds=seconds,
+                      images_seen=len(train) * epochs * len(members), n_boot=n_boot))
+    rows[-1]["validation"] = res.validation
+    rows[-1]["preset"] = settings.to_dict()
+    return rows
+
+
+def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path) -> dict:
+    from pipeline.common import patient_ids
+    from pipeline.segmenter_jobs import mean_ci
+    from segmenter.metrics import segmentation_scores
+    from segmenter.train import SegmenterSettings, train_segmenter, with_preset
+
+    with_mask = [r for r in records if kind in r.masks]
+    train, val, test = (select_split(with_mask, assignment, s) for s in ("train", "val", "test"))
+    settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
+                                               "epochs": epochs, "batch_size": 16}))
+    t0 = time.perf_counter()
+    res = train_segmenter(settings, train, val, workdir / f"seg_{kind}", verbose=0)
+    seconds = time.perf_counter() - t0
+    dice, iou, kept = [], [], []
+    for start in range(0, len(test), 16):
+        chunk = test[start:start + 16]
+        pairs = [load_example(r, size=size, mask_kind=kind) for r in chunk]
+        probs = res.segmenter.predict(np.stack([x for x, _ in pairs]))
+        for r, (_, truth), prob in zip(chunk, pairs, probs):
+            s = segmentation_scores(truth > 0.5, prob >= settings.threshold)
+            dice.append(s["dice"])
+            iou.append(s["iou"])
+            kept.append(r)
+    pats = patient_ids(kept)
+    return {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": len(train), "n_test": len(kept),
+            "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
+            "train_seconds": round(seconds, 1), "train_img_per_s": round(len(train) * epochs / seconds, 2)}
+
+
+def fmt_ci(m: dict) -> str:
+    ci = m.get("ci95")
+    return f"{m['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['value']:.3f}"
+
+
+def print_tables(result: dict) -> None:
+    print("\n| model | accuracy [95 % CI] | sens. normal / pneumonia / covid | macro AUC | ECE | per-source accuracy | "
+          "train s | train img/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["classifiers"]:
+        sens = " / ".join("-" if v is None else f"{v:.2f}" for v in r["sensitivity"].values())
+        src = ", ".join(f"{s} {v['value']:.2f} (n {v['n']})" for s, v in r["per_source_accuracy"].items())
+        auc = "-" if r["macro_auc"] is None else f"{r['macro_auc']:.3f}"
+        print(f"| {r['model']} | {fmt_ci(r['accuracy'])} | {sens} | {auc} | {r['ece']:.3f} | {src} | "
+              f"{r['train_seconds']} | {r['train_img_per_s']} |")
+    if result.get("segmenters"):
+        print("\n| segmenter | n train / test | Dice [95 % CI] | IoU [95 % CI] | train s | train img/s |")
+        print("|---|---|---|---|---|---|")
+        for r in result["segmenters"]:
+            print(f"| {r['model']} | {r['n_train']} / {r['n_test']} | {fmt_ci(r['dice'])} | {fmt_ci(r['iou'])} | "
+                  f"{r['train_seconds']} | {r['train_img_per_s']} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, help="write the results here (after each stage)")
+    ap.add_argument("--quick", action="store_true", help="small sizes and few epochs (about 10 minutes)")
+    ap.add_argument("--data", type=Path, nargs="+", default=DEFAULT_DATA)
+    ap.add_argument("--masks", type=Path, nargs="+", default=DEFAULT_MASKS)
+    ap.add_argument("--work", type=Path, help="keep the trained models here (default: a temporary folder)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--skip", nargs="*", default=[], choices=("rf", "cnn", "ensemble", "infection", "lung"))
+    for key in ("size", "epochs", "max_train", "seg_size", "seg_epochs", "lung_epochs", "cnn_epochs"):
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int)
+    args = ap.parse_args(argv)
+    missing = [str(d) for d in args.data if not d.is_dir()]
+    if missing:
+        print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
+        return 0
+    profile = dict(PROFILES["quick" if args.quick else "default"])
+    profile.update({k: v for k, v in vars(args).items() if k in profile and v is not None})
+    import keras
+
+    t_start = time.perf_counter()
+    records = gather(args.data, args.masks + [Path("/nonexistent")] * (len(args.data) - len(args.masks)))
+    hashes = hash_records(records)
+    usable = [r for r in records if r.key in hashes]
+    assignment = assign_splits(usable, group_records(usable, hashes), val=0.1, test=0.2, seed=0)
+    train, val, test = (select_split(usable, assignment, s) for s in ("train", "val", "test"))
+    if profile["max_train"] and len(train) > profile["max_train"]:
+        rng = np.random.default_rng(0)
+        train = [train[i] for i in sorted(rng.choice(len(train), profile["max_train"], replace=False))]
+    result = {"settings": {**profile, "members": list(profile["members"]), "data": [str(d) for d in args.data],
+                           "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                           "test_patients": len(set(patients_of(test))), "keras": keras.__version__,
+                           "backend": keras.backend.backend(), "cpus": os.cpu_count()},
+              "classifiers": [], "segmenters": []}
+    print("settings:", json.dumps(result["settings"]), flush=True)
+
+    def save() -> None:
+        result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        steps = [
+            ("rf", lambda: [random_forest(train, test, args.bootstrap)]),
+            ("cnn", lambda: [small_cnn(train, val, test, size=profile["size"], epochs=profile["cnn_epochs"],
+                                       n_boot=args.bootstrap, workdir=work)]),
+            ("ensemble", lambda: ensemble_rows(train, val, test, size=profile["size"], epochs=profile["epochs"],
+                                               members=profile["members"], n_boot=args.bootstrap, workdir=work)),
+        ]
+        for name, step in steps:
+            if name in args.skip:
+                continue
+            t0 = time.perf_counter()
+            result["classifiers"] += step()
+            print(f"[{name}] done in {time.perf_counter() - t0:.0f} s: "
+                  + "; ".join(f"{r['model']} {fmt_ci(r['accuracy'])}" for r in result["classifiers"][-4:]), flush=True)
+            save()
+        for kind, epochs in (("infection", profile["seg_epochs"]), ("lung", profile["lung_epochs"])):
+            if kind in args.skip:
+                continue
+            try:
+                row = segmenter_row(usable, assignment, kind=kind, size=profile["seg_size"], epochs=epochs,
+                                    n_boot=args.bootstrap, workdir=work)
+            except (ValueError, DatasetError) as err:
+                print(f"[{kind}] skipped: {err}")
+                continue
+            result["segmenters"].append(row)
+            print(f"[{kind}] Dice {fmt_ci(row['dice'])}", flush=True)
+            save()
+    save()
+    print_tables(result)
+    print(f"\nwall time {result['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Training scaffolding that both stages share: optimiser and schedule, callbacks, BatchNorm care.
+
+Why the BatchNorm helpers exist (measured in the note of the "Models that learn" issue): Keras'
+BatchNormalization keeps moving statistics with momentum 0.99, so after the few hundred steps
+of a from-scratch run on a few thousand X-rays they still lean towards their initial values
+(mean 0, variance 1). Training-mode outputs look fine, inference-mode outputs collapse to one
+class, the checkpoint is chosen on a meaningless validation loss, and the temperature fit
+then flattens every probability to about 1/3. A lower momentum for short runs and a
+re-estimate of the statistics over training batches at the end ("precise BN", Wu & Johnson
+2021) make inference match training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import keras
+import numpy as np
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("plateau", "cosine")
+
+
+def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs: int, label_smoothing: float = 0.0,
+                 bn_momentum: float | None = None, weight_decay: float = 0.0) -> None:
+    """ValueError naming the bad recipe value (used by both settings classes)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if lr_schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs {warmup_epochs} must be in [0, epochs={epochs})")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing {label_smoothing} out of [0, 1)")
+    if bn_momentum is not None and not 0.0 < bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum {bn_momentum} out of (0, 1)")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay {weight_decay} must be ≥ 0")
+
+
+def build_optimizer(name: str, learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: int = 0, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """Adam or AdamW; "cosine" decays to 0 over the run after a linear warm-up from 0.
+
+    AdamW's decay skips biases and BatchNorm's gamma/beta (decaying them only fights the
+    normalisation).
+    """
+    lr: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if schedule == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        warmup = min(warmup_epochs * steps_per_epoch, total - 1)
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=total - warmup,
+            warmup_target=learning_rate if warmup else None, warmup_steps=warmup,
+        )
+    if name == "adamw":
+        opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        return opt
+    return keras.optimizers.Adam(lr)
+
+
+def build_callbacks(out_dir: Path, *, schedule: str, early_stopping_patience: int, reduce_lr_patience: int,
+                    reduce_lr_factor: float, prefix: str = "") -> tuple[list[keras.callbacks.Callback], Path]:
+    """Best-val-loss checkpoint, CSV log (``{prefix}training_log.csv``, written as epochs end), and for
+    "plateau" LR reduction.
+
+    A cosine run keeps no ReduceLROnPlateau (the schedule owns the LR); early stopping only when
+    ``early_stopping_patience`` > 0. Returns (callbacks, checkpoint path).
+    """
+    ckpt = Path(out_dir) / f"{prefix}best.weights.h5"
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.CSVLogger(Path(out_dir) / f"{prefix}training_log.csv"),
+    ]
+    if early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
+    if schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=reduce_lr_factor,
+                                                           patience=reduce_lr_patience, min_lr=1e-7))
+    return callbacks, ckpt
+
+
+def write_history_csv(path: Path, history: dict[str, list[float]]) -> None:
+    """One row per epoch, one column per history key (empty where a run stopped earlier)."""
+    import csv
+
+    keys = sorted(history)
+    n = max((len(v) for v in history.values()), default=0)
+    with Path(path).open("w", newline="", encoding="utf-8") as handle:
+        w = csv.writer(handle)
+        w.writerow(["epoch", *keys])
+        for e in range(n):
+            w.writerow([e, *[history[k][e] if e < len(history[k]) else "" for k in keys]])
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def batchnorm_layers(model: keras.layers.Layer) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer in ``model``, nested models included, in graph order."""
+    out: list[keras.layers.BatchNormalization] = []
+    seen: set[int] = set()
+
+    def walk(layer) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out.append(layer)
+        for child in getattr(layer, "layers", ()):
+            walk(child)
+
+    walk(model)
+    return out
+
+
+def set_bn_momentum(model: keras.layers.Layer, momentum: float | None) -> int:
+    """Set every BatchNorm layer's momentum (None leaves Keras' 0.99); returns how many were set."""
+    if momentum is None:
+        return 0
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
+
+
+def reestimate_batchnorm(model: keras.Model, batches: Iterable[np.ndarray], *, max_batches: int) -> int:
+    """Replace the moving statistics of every trainable BatchNorm layer by their mean over batches.
+
+    ``batches``: (B, H, W, 3) float32 model inputs (training images, no augmentation). Runs the
+    model forward in training mode with momentum k/(k+1) at batch k, so after n batches the moving
+    mean and variance are the plain average of the n batch statistics; weights are untouched.
+    Returns the number of batches used (0 leaves the model as it was).
+    """
+    layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
+    if not layers or max_batches <= 0:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for x in _take(batches, max_batches):
+            for layer in layers:
+                layer.momentum = used / (used + 1.0)
+            model(np.asarray(x, np.float32), training=True)
+            used += 1
+    finally:
+        for layer, m in zip(layers, saved):
+            layer.momentum = m
+    return used
+
+
+def _take(items: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
