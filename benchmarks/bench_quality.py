@@ -27,7 +27,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from data import spec  # noqa: E402
-from data.datasets import DatasetError, Record, load_example, load_records, pair_masks  # noqa: E402
+from data.datasets import DatasetError, load_example  # noqa: E402
 from data.io import ImageReadError  # noqa: E402
 from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
 
@@ -46,25 +45,11 @@ DEFAULT_MASKS = [SHARED / "cxr_masks", SHARED / "large" / "cxr_masks"]
 
 #: (default, --quick) settings; each fits its time budget on the 2-core reference CPU.
 PROFILES = {
-    "default": dict(size=96, epochs=16, max_train=None, seg_size=128, seg_epochs=16, lung_epochs=8,
-                    cnn_epochs=30, members=("densenet121", "efficientnetb0", "vgg19")),
+    "default": dict(size=64, epochs=10, max_train=None, seg_size=64, seg_epochs=12, lung_epochs=4,
+                    cnn_epochs=15, members=("densenet121", "efficientnetb0", "vgg19")),
     "quick": dict(size=64, epochs=4, max_train=600, seg_size=64, seg_epochs=6, lung_epochs=3,
                   cnn_epochs=10, members=("densenet121", "efficientnetb0", "vgg19")),
 }
-
-
-def gather(data_dirs: list[Path], mask_dirs: list[Path]) -> list[Record]:
-    """Records of every data folder, keys prefixed by the folder's name so they stay unique."""
-    records = []
-    for d, m in zip(data_dirs, mask_dirs):
-        rs = load_records(d)
-        if m.is_dir():
-            kinds = [k for k in ("infection", "lung") if (m / k).is_dir()]
-            rs = pair_masks(rs, m, kinds)
-        tag = d.parent.name if d.name == "cxr" else d.name
-        records += [replace(r, name=f"{tag}/{r.name}", patient_id=r.patient_id or "",
-                            source=r.source or tag) for r in rs]
-    return records
 
 
 def patients_of(records) -> list[str]:
@@ -250,7 +235,9 @@ def main(argv=None) -> int:
     import keras
 
     t_start = time.perf_counter()
-    records = gather(args.data, args.masks + [Path("/nonexistent")] * (len(args.data) - len(args.masks)))
+    from pipeline.api import gather_folders
+
+    records = gather_folders(args.data, args.masks, ["infection", "lung"])
     hashes = hash_records(records)
     usable = [r for r in records if r.key in hashes]
     assignment = assign_splits(usable, group_records(usable, hashes), val=0.1, test=0.2, seed=0)

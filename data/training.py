@@ -30,8 +30,8 @@ def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if lr_schedule not in SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"warmup_epochs {warmup_epochs} must be in [0, epochs={epochs})")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs {warmup_epochs} must be ≥ 0")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing {label_smoothing} out of [0, 1)")
     if bn_momentum is not None and not 0.0 < bn_momentum < 1.0:
@@ -42,24 +42,32 @@ def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs
 
 def build_optimizer(name: str, learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,
                     warmup_epochs: int = 0, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
-    """Adam or AdamW; "cosine" decays to 0 over the run after a linear warm-up from 0.
+    """Adam or AdamW; "cosine" decays to 0 over the run after a linear warm-up from 0 (the warm-up
+    takes at most half the run, so a preset's warm-up also fits a 1-epoch test run).
 
     AdamW's decay skips biases and BatchNorm's gamma/beta (decaying them only fights the
     normalisation).
     """
-    lr: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if schedule == "cosine":
-        total = max(1, epochs * steps_per_epoch)
-        warmup = min(warmup_epochs * steps_per_epoch, total - 1)
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=total - warmup,
-            warmup_target=learning_rate if warmup else None, warmup_steps=warmup,
-        )
+    lr = build_lr_schedule(learning_rate, schedule=schedule, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                           warmup_epochs=warmup_epochs)
     if name == "adamw":
         opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
         opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         return opt
     return keras.optimizers.Adam(lr)
+
+
+def build_lr_schedule(learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,
+                      warmup_epochs: int = 0) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The constant ``learning_rate`` ("plateau": callbacks lower it) or warm-up + cosine decay to 0."""
+    if schedule != "cosine":
+        return learning_rate
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(warmup_epochs, epochs // 2) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=total - warmup,
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup,
+    )
 
 
 def build_callbacks(out_dir: Path, *, schedule: str, early_stopping_patience: int, reduce_lr_patience: int,

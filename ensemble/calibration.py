@@ -49,6 +49,35 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, *, bounds: tuple[floa
     return float(np.exp((a + b) / 2))
 
 
+def fit_vote_weights(member_probs: list[np.ndarray], labels: np.ndarray, *, step: float = 0.05) -> list[float]:
+    """Soft-vote weights (on the simplex, grid ``step``) minimising validation NLL of Σ w_i p_i.
+
+    A member that has learned little gets little or no weight instead of a 1/n share that drags
+    the vote towards chance. Ties keep the more even weighting (equal weights are tried first).
+    """
+    n = len(member_probs)
+    if n == 1:
+        return [1.0]
+    k = int(round(1 / step))
+    best_w, best = [1.0 / n] * n, nll(sum(p / n for p in member_probs), labels)
+    for combo in _compositions(k, n):
+        w = [c / k for c in combo]
+        score = nll(sum(wi * p for wi, p in zip(w, member_probs)), labels)
+        if score < best - 1e-9:
+            best_w, best = w, score
+    return [round(w, 6) for w in best_w]
+
+
+def _compositions(total: int, parts: int):
+    """All tuples of ``parts`` non-negative ints summing to ``total``."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """ECE of the top-1 confidence over ``n_bins`` equal-width bins."""
     probs = np.asarray(probs)

@@ -74,6 +74,11 @@ class Classifier(EngineChoice):
         return float(self.sidecar["meta"].get("temperature", 1.0))
 
     @property
+    def refer_rule(self) -> dict[str, Any] | None:
+        """The input check and confidence threshold fitted at training (ensemble.refer); None in older bundles."""
+        return self.sidecar["meta"].get("refer")
+
+    @property
     def member_weights(self) -> list[float]:
         w = self.sidecar["meta"].get("member_weights")
         return list(w) if w else [1.0 / len(self.members)] * len(self.members)

@@ -23,10 +23,11 @@ from data.datasets import FailureLog, Record, make_dataset
 from data.tf_setup import configure_graph_training
 from data.training import (build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm, set_bn_momentum,
                            steps_per_epoch, write_history_csv)
-from ensemble.calibration import fit_temperature
+from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
 from ensemble.members import MEMBERS, resolve_weights
+from ensemble.refer import DEFAULT_TARGET_ERROR, fit_confidence_threshold, fit_input_check
 
 #: A fitted temperature at or above this means validation predictions are nearly uninformative.
 TEMPERATURE_WARNING = 10.0
@@ -48,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "freeze_fraction": 0.0, "batch_size": 32, "epochs": 30, "early_stopping_patience": 0,
         # VGG19 has no BatchNorm: from scratch at 1e-3 it stays at chance (see the README).
         "member_lr_scale": {"vgg19": 0.1},
+        "fit_member_weights": True,
     },
 }
 
@@ -58,7 +60,10 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     from data.weights import is_none
 
     name = values.get("preset") or ("scratch" if is_none(values.get("weights", "imagenet")) else "paper")
-    return {**PRESETS.get(name, {}), **values, "preset": name}  # an unknown name fails in the settings check
+    preset = dict(PRESETS.get(name, {}))  # an unknown name fails in the settings check
+    if values.get("member_weights") is not None:
+        preset.pop("fit_member_weights", None)  # weights given by the user are used as given
+    return {**preset, **values, "preset": name}
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class ClassifierSettings:
     bn_momentum: float | None = None  # None keeps Keras' 0.99
     bn_reestimate_batches: int = 0
     member_lr_scale: dict[str, float] | None = None  # soft vote: each member's LR = learning_rate × scale
+    refer_target_error: float = DEFAULT_TARGET_ERROR  # error allowed among validation images not referred
+    fit_member_weights: bool = False  # soft vote: weights fitted on validation NLL instead of equal ones
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", parse_members(self.members))
@@ -120,6 +127,10 @@ class ClassifierSettings:
                 raise ValueError(f"member_lr_scale values must be in (0, 100], got {self.member_lr_scale}")
         if self.bn_reestimate_batches < 0:
             raise ValueError("bn_reestimate_batches must be ≥ 0")
+        if self.fit_member_weights and self.member_weights is not None:
+            raise ValueError("give member_weights or fit_member_weights = true, not both")
+        if not 0.0 < self.refer_target_error < 1.0:
+            raise ValueError(f"refer_target_error {self.refer_target_error} out of (0, 1)")
 
     def member_learning_rate(self, member: str) -> float:
         return self.learning_rate * (self.member_lr_scale or {}).get(member, 1.0)
@@ -279,13 +290,24 @@ def train_classifier(
                 members_raw.setdefault(m, []).append(np.asarray(out[f"{m}_probs"]))
         labels.append(np.asarray(y).argmax(axis=1))
     labels_v, raw_v = np.concatenate(labels), np.concatenate(raw)
+    member_weights = settings.member_weights
+    if settings.fit_member_weights and settings.variant == "softvote" and len(settings.members) > 1:
+        member_weights = tuple(fit_vote_weights([np.concatenate(members_raw[m]) for m in settings.members], labels_v))
+        model.get_layer("probs").member_weights = list(member_weights)  # saved with the model's config
+        raw_v = sum(w * np.concatenate(members_raw[m]) for w, m in zip(member_weights, settings.members))
     temperature = fit_temperature(raw_v, labels_v)
     if not math.isfinite(temperature):
         raise RuntimeError(f"temperature fit gave {temperature}; validation probabilities are degenerate")
+    refer = {
+        "input_check": fit_input_check(np.asarray(x)[i] for x, _ in plain for i in range(len(x))),
+        "confidence": fit_confidence_threshold(apply_temperature(raw_v, temperature), labels_v,
+                                               target_error=settings.refer_target_error),
+    }
     validation = {
         "n": int(len(labels_v)),
         "accuracy": float((raw_v.argmax(1) == labels_v).mean()),
         "member_accuracy": {m: float((np.concatenate(v).argmax(1) == labels_v).mean()) for m, v in members_raw.items()},
+        "member_weights": list(member_weights) if member_weights else None,
         "temperature": temperature,
         "bn_reestimate_batches": bn_batches,
         "train_seconds": seconds,
@@ -298,8 +320,8 @@ def train_classifier(
     config = {**settings.to_dict(), "class_weight_table": cw, "n_train": len(train), "n_val": len(val)}
     save_classifier(
         model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
-        config=config, temperature=temperature, member_weights=settings.member_weights,
+        config=config, temperature=temperature, member_weights=member_weights,
         resize_mode=settings.resize_mode, clahe=settings.clahe, weight_files=weight_files,
-        extra_meta={"validation": validation},
+        extra_meta={"validation": validation, "refer": refer},
     )
     return TrainResult(load_classifier(out_dir), history, cw, temperature, list(failures.items), validation)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Iterable, Sequence, TypeVar
 
 from data.check import DataReport, check_records, orphan_masks
 from data.datasets import DatasetError, FailureLog, Record, load_records, pair_masks
@@ -54,6 +54,30 @@ def gather_records(
     if masks is not None:
         records = pair_masks(records, masks, mask_kinds)
     return records
+
+
+def gather_folders(data_dirs: Sequence[str | os.PathLike[str]], mask_dirs: Sequence[str | os.PathLike[str] | None] = (),
+                   mask_kinds: Iterable[str] | None = None) -> list[Record]:
+    """Records of several class-folder trees (each with its manifest), as one list.
+
+    Each record's key is prefixed with its folder's name (with the parent's where two folders
+    share a name, e.g. ``data/cxr/…`` and ``large/cxr/…``) so keys stay unique; ``mask_dirs[i]``
+    (absent or None: no masks) pairs masks of ``mask_kinds`` present there with folder i.
+    """
+    dirs = [Path(d) for d in data_dirs]
+    tags = [d.name for d in dirs]
+    if len(set(tags)) < len(tags):
+        tags = [f"{d.parent.name}/{d.name}" for d in dirs]
+    out: list[Record] = []
+    for i, (d, tag) in enumerate(zip(dirs, tags)):
+        records = gather_records(d)
+        masks = Path(mask_dirs[i]) if i < len(mask_dirs) and mask_dirs[i] is not None else None
+        if masks is not None and masks.is_dir():
+            present = [k for k in (mask_kinds or sorted(p.name for p in masks.iterdir() if p.is_dir()))
+                       if (masks / k).is_dir()]
+            records = pair_masks(records, masks, present)
+        out += [replace(r, name=f"{tag}/{r.key}", source=r.source or tag) for r in records]
+    return out
 
 
 @dataclass

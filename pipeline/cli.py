@@ -283,9 +283,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    print("cxr demo: demo models are trained from scratch on a few images and are NOT for diagnosis.")
+    print("cxr demo: small demo models trained from scratch at 64 px; NOT for diagnosis.")
     res = run_demo(Path(args.out), cache=Path(args.cache) if args.cache else None, progress=_progress("demo"))
     print(f"{'trained' if res.trained else 'reused cached'} demo models in {res.models} (data: {res.data_source})")
+    print(res.held_out)
     print(f"done in {res.seconds:.0f} s. Open the report: {res.report}")
     print("Reminder: research use only; these demo weights are not fit for any clinical decision.")
     return EXIT_OK

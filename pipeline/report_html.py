@@ -38,8 +38,14 @@ def _img(out: Path, rel: str | None, alt: str) -> str:
     return f'<a href="{quote(rel)}"><img src="{quote(rel)}" alt="{html.escape(alt)}" loading="lazy"></a>'
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str, Any]], identity: dict[str, Any]) -> Path:
-    """Write ``out/report.html`` atomically and return its path."""
+def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str, Any]], identity: dict[str, Any],
+                 model_note: str = "") -> Path:
+    """Write ``out/report.html`` atomically and return its path. Referred images get their own table;
+    ``model_note`` (e.g. the classifier's held-out accuracy) goes under the summary."""
+    header = ("<table><thead><tr><th>file</th><th>label</th>"
+              + "".join(f"<th data-sort='1'>p_{c}</th>" for c in spec.CLASS_NAMES)
+              + "<th data-sort='1'>confidence</th><th>Grad-CAM</th><th>lesion mask</th>"
+                "<th data-sort='1'>lung affected %</th><th>lesions</th></tr></thead><tbody>")
     counts = Counter(r["label"] for r in rows)
     seg = sum(1 for r in rows if r.get("segmented"))
     parts = [
@@ -48,39 +54,27 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
         "<h1>Chest X-ray triage run</h1>",
         "<p class='warn'><b>Research use only.</b> These outputs are not a diagnosis and must not guide patient care.</p>",
         "<h2>Summary</h2><table><tr><th>images</th><th>failed</th>"
-        + "".join(f"<th>{c}</th>" for c in spec.CLASS_NAMES) + "<th>segmented</th></tr>",
+        + "".join(f"<th>{c}</th>" for c in spec.CLASS_NAMES) + "<th>segmented</th><th>referred</th></tr>",
         f"<tr><td>{len(rows)}</td><td>{len(failures)}</td>"
-        + "".join(f"<td>{counts.get(c, 0)}</td>" for c in spec.CLASS_NAMES) + f"<td>{seg}</td></tr></table>",
+        + "".join(f"<td>{counts.get(c, 0)}</td>" for c in spec.CLASS_NAMES)
+        + f"<td>{seg}</td><td>{sum(1 for r in rows if r.get('refer'))}</td></tr></table>",
+        *([f"<p>{html.escape(model_note)}</p>"] if model_note else []),
         "<p>classifier sha256 <code>{}</code>, segmenter <code>{}</code>{}</p>".format(
             html.escape(str(identity.get("classifier", ""))[:16]), html.escape(str(identity.get("segmenter", ""))[:16]),
             f", lung model <code>{html.escape(str(identity['lung_model'])[:16])}</code>" if identity.get("lung_model") else ""),
         "<p>Tables: <a href='results.csv'>results.csv</a>, <a href='results.jsonl'>results.jsonl</a>, "
         "<a href='failures.csv'>failures.csv</a>. Click a numeric column header to sort.</p>",
-        "<h2>Images</h2><table><thead><tr><th>file</th><th>label</th>"
-        + "".join(f"<th data-sort='1'>p_{c}</th>" for c in spec.CLASS_NAMES)
-        + "<th data-sort='1'>confidence</th><th>Grad-CAM</th><th>lesion mask</th>"
-          "<th data-sort='1'>lung affected %</th><th>lesions</th></tr></thead><tbody>",
+        "<h2>Images</h2>" + header,
     ]
-    for r in sorted(rows, key=lambda r: -r["confidence"]):
-        probs = "".join(
-            f"<td data-v='{r[f'p_{c}']}'>{r[f'p_{c}']:.3f} <span class='bar' style='width:{int(60 * r[f'p_{c}'])}px'></span></td>"
-            for c in spec.CLASS_NAMES
-        )
-        shown = r.get("lesions", [])[:REPORT_LESIONS]
-        more = r.get("lesion_count", len(shown)) - len(shown)
-        lesions = "".join(
-            f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in shown
-        ) + (f"<li>… and {more} smaller (results.jsonl)</li>" if more > 0 else "")
-        pct = r.get("lung_affected_pct")
-        parts.append(
-            f"<tr><td>{html.escape(r['file'])}</td><td>{html.escape(r['label'])}</td>{probs}"
-            f"<td data-v='{r['confidence']}'>{r['confidence']:.3f}</td>"
-            f"<td>{_img(out, r.get('gradcam_overlay'), 'Grad-CAM overlay')}</td>"
-            f"<td>{_img(out, r.get('mask_overlay'), 'lesion mask overlay')}</td>"
-            f"<td data-v='{pct if pct is not None else -1}'>{'' if pct is None else f'{pct:.1f}'}</td>"
-            f"<td><ul>{lesions}</ul></td></tr>"
-        )
+    referred = [r for r in rows if r.get("refer")]
+    parts.extend(_row(out, r) for r in sorted((r for r in rows if not r.get("refer")), key=lambda r: -r["confidence"]))
     parts.append("</tbody></table>")
+    if referred:
+        parts.append(f"<h2 id='referred'>Referred to a reader ({len(referred)})</h2>"
+                     "<p>The classifier's answer for these is not to be relied on: low calibrated confidence, or an "
+                     "input unlike the X-rays it was trained on.</p>" + header.replace("<th>file</th>", "<th>file</th><th>why referred</th>", 1))
+        parts.extend(_row(out, r, reason=True) for r in sorted(referred, key=lambda r: r["file"]))
+        parts.append("</tbody></table>")
     if failures:
         parts.append("<h2>Failed files</h2><table><tr><th>file</th><th>reason</th></tr>")
         parts.extend(f"<tr><td>{html.escape(f['file'])}</td><td>{html.escape(f['reason'])}</td></tr>" for f in failures)
@@ -91,3 +85,26 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _row(out: Path, r: dict[str, Any], *, reason: bool = False) -> str:
+    """One image's table row (with the refer reason in the referred table)."""
+    probs = "".join(
+        f"<td data-v='{r[f'p_{c}']}'>{r[f'p_{c}']:.3f} <span class='bar' style='width:{int(60 * r[f'p_{c}'])}px'></span></td>"
+        for c in spec.CLASS_NAMES
+    )
+    shown = r.get("lesions", [])[:REPORT_LESIONS]
+    more = r.get("lesion_count", len(shown)) - len(shown)
+    lesions = "".join(
+        f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in shown
+    ) + (f"<li>… and {more} smaller (results.jsonl)</li>" if more > 0 else "")
+    pct = r.get("lung_affected_pct")
+    why = f"<td>{html.escape(r.get('refer_reason') or '')}</td>" if reason else ""
+    return (
+        f"<tr><td>{html.escape(r['file'])}</td>{why}<td>{html.escape(r['label'])}</td>{probs}"
+        f"<td data-v='{r['confidence']}'>{r['confidence']:.3f}</td>"
+        f"<td>{_img(out, r.get('gradcam_overlay'), 'Grad-CAM overlay')}</td>"
+        f"<td>{_img(out, r.get('mask_overlay'), 'lesion mask overlay')}</td>"
+        f"<td data-v='{pct if pct is not None else -1}'>{'' if pct is None else f'{pct:.1f}'}</td>"
+        f"<td><ul>{lesions}</ul></td></tr>"
+    )

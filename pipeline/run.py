@@ -28,12 +28,13 @@ from data import spec
 from data.datasets import DatasetError, FailureLog, walk_images
 from data.preprocess import preprocess_image
 from data.stream import stream_images
+from ensemble.refer import refer_decisions
 from gradcam.cam import member_heatmaps
 from gradcam.masks import mask_overlay, overlay
 from pipeline.report_html import REPORT_LESIONS, write_report
 
-RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "segmented",
-                  "lesion_count", "lesion_area_px", "lung_affected_pct")
+RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "refer", "refer_reason",
+                  "segmented", "lesion_count", "lesion_area_px", "lung_affected_pct")
 
 
 @dataclass
@@ -124,11 +125,13 @@ def run_pipeline(
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] | None = None,
     stop_after: int | None = None,
+    model_note: str = "",
 ) -> RunResult:
     """Run both stages over ``image_dir`` into ``out`` (see the module docstring).
 
     ``classifier``/``segmenter``/``lung_model`` are loaded bundles. ``stop_after`` ends the run
-    after that many newly finished images (used to test resuming).
+    after that many newly finished images (used to test resuming). ``model_note`` is printed under
+    the report's summary (the demo states its classifier's held-out accuracy there).
     """
     image_dir, out = Path(image_dir), Path(out)
     identity = {
@@ -162,6 +165,8 @@ def run_pipeline(
                 "label": a.label,
                 **{f"p_{c}": p for c, p in a.probabilities.items()},
                 "confidence": a.confidence,
+                "refer": a.refer,
+                "refer_reason": a.refer_reason,
                 **a.stage2_fields(),
                 "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
             }
@@ -206,7 +211,7 @@ def run_pipeline(
     fails = _read_log(out / "failures.jsonl")
     _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
     _write_csv(out / "failures.csv", ("file", "reason"), fails)
-    report = write_report(out, rows, fails, identity)
+    report = write_report(out, rows, fails, identity, model_note)
     return RunResult(out, n_done, len(paths) - len(todo), len(fails), report)
 
 
@@ -221,6 +226,8 @@ class ImageAnalysis:
     probs: np.ndarray  # (num_classes,) in spec.CLASS_NAMES order
     heat: np.ndarray  # fused Grad-CAM, float32 (H, W) in [0, 1]
     seg: Any  # SegmentedImage, or None when stage 2 did not run
+    refer: bool | None = None  # hand to a reader (ensemble.refer); None when the bundle has no rule
+    refer_reason: str = ""
 
     @property
     def label(self) -> str:
@@ -271,11 +278,13 @@ def analyse_batch(x: np.ndarray, originals, geometries, *, classifier, segmenter
     heads = heads if heads is not None else classifier.head_weights()
     pred = classifier.predict(x)
     cls = pred.probs.argmax(axis=1)
+    decisions = refer_decisions(x, pred.probs, classifier.refer_rule)
     _, fused = member_heatmaps(pred.features, heads, cls, member_weights=classifier.member_weights,
                                size=classifier.image_size)
     flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
     seg_out = _segment(flagged, originals, segmenter, lung_model)
-    return [ImageAnalysis(pred.probs[j], np.clip(geometries[j].to_original(fused[j]), 0.0, 1.0), seg_out.get(j))
+    return [ImageAnalysis(pred.probs[j], np.clip(geometries[j].to_original(fused[j]), 0.0, 1.0), seg_out.get(j),
+                          *decisions[j])
             for j in range(len(x))]
 
 

@@ -240,6 +240,8 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             "label": analysis.label,
             "probabilities": analysis.probabilities,
             "confidence": analysis.confidence,
+            "refer": analysis.refer,
+            "refer_reason": analysis.refer_reason,
             **analysis.stage2_fields(),
             "width": int(original.shape[1]),
             "height": int(original.shape[0]),

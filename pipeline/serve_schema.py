@@ -22,6 +22,9 @@ class Prediction(BaseModel):
     label: str
     probabilities: dict[str, float] = Field(description="class name → probability (they sum to 1)")
     confidence: float
+    refer: bool | None = Field(description="hand this image to a reader: low calibrated confidence or an input unlike "
+                               "the training X-rays; null when the classifier bundle has no refer rule")
+    refer_reason: str = Field(description="why it is referred (empty when it is not)")
     segmented: bool = Field(description="stage 2 ran (label pneumonia or covid)")
     lesion_count: int
     lesion_area_px: int

@@ -102,3 +102,37 @@ def test_temperature_fixes_overconfidence():
     assert nll(fixed, labels) < nll(over, labels)
     assert expected_calibration_error(fixed, labels) < expected_calibration_error(over, labels)
     np.testing.assert_allclose(apply_temperature(true, 1.0), true, atol=1e-6)
+
+
+def test_bootstrap_resamples_whole_patients():
+    from ensemble.evaluate import bootstrap_indices, classification_metrics
+
+    groups = [f"p{i // 5}" for i in range(100)]  # 20 patients, 5 images each
+    for idx in bootstrap_indices(100, n_boot=20, seed=1, groups=groups):
+        drawn = [groups[i] for i in idx]
+        assert all(drawn.count(g) % 5 == 0 for g in set(drawn))  # a patient comes with all 5 images
+    # Each patient's 5 images agree, so the data hold 20 independent answers, not 100: the
+    # patient bootstrap's interval is wider than the image bootstrap's.
+    rng = np.random.default_rng(0)
+    right = np.repeat(rng.random(20) < 0.7, 5)
+    labels = np.zeros(100, int)
+    probs = np.where(right[:, None], [[0.8, 0.1, 0.1]], [[0.1, 0.8, 0.1]])
+    by_image = classification_metrics(labels, probs, n_boot=500)
+    by_patient = classification_metrics(labels, probs, n_boot=500, groups=groups)
+    width = lambda m: m["accuracy"]["ci95"][1] - m["accuracy"]["ci95"][0]  # noqa: E731
+    assert width(by_patient) > 1.5 * width(by_image)
+    assert by_patient["bootstrap"]["method"] == "percentile, resampling patients" and by_patient["bootstrap"]["groups"] == 20
+
+
+def test_vote_weights_drop_a_member_that_learned_nothing():
+    from ensemble.calibration import fit_vote_weights, nll
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    good = np.full((200, 3), 0.1)
+    good[np.arange(200), labels] = 0.8
+    flat = np.full((200, 3), 1 / 3)
+    w = fit_vote_weights([good, flat, good], labels)
+    assert w[1] == 0.0 and sum(w) == pytest.approx(1.0)
+    assert nll(sum(a * p for a, p in zip(w, [good, flat, good])), labels) < nll((good + flat + good) / 3, labels)
+    assert fit_vote_weights([good, good], labels) == [0.5, 0.5]  # ties keep equal weights

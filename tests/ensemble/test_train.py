@@ -14,7 +14,9 @@ from data.bundle import BundleError
 from data.datasets import make_dataset
 from ensemble.classifier import load_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs
-from ensemble.train import PAPER_CLASS_WEIGHTS, ClassifierSettings, class_weight_table
+from ensemble.train import (PAPER_CLASS_WEIGHTS, PRESETS, ClassifierSettings, class_weight_table, training_units,
+                            with_preset)
+from pipeline.config import ConfigError, build_settings
 
 
 def test_one_step_gives_finite_loss_and_gradient_on_every_trainable_weight(tiny_records):
@@ -44,6 +46,14 @@ def test_fit_saves_bundle_and_history(trained_bundle):
     assert side["class_names"] == ["normal", "pneumonia", "covid"]
     assert side["meta"]["members"] == ["densenet121", "efficientnetb0", "vgg19"]
     assert side["config"]["epochs"] == 1
+    for m in side["meta"]["members"]:  # each soft-vote member is optimised on its own
+        assert (out / f"{m}.training_log.csv").is_file()
+        assert len(result.history[f"{m}_probs_loss"]) == 1 and len(result.history[f"val_{m}_probs_accuracy"]) == 1
+    val = side["meta"]["validation"]
+    assert set(val["member_accuracy"]) == set(side["meta"]["members"]) and val["n"] == 3
+    assert val["temperature"] == pytest.approx(result.temperature)
+    rule = side["meta"]["refer"]
+    assert len(rule["input_check"]["template"]) == 32 * 32 and 0 < rule["confidence"]["confidence_threshold"] <= 1
 
 
 def test_save_load_gives_identical_predictions(trained_bundle):
@@ -120,7 +130,7 @@ def test_graph_mode_ensemble_trains_past_the_first_epoch(tiny_records, tmp_path)
                                   epochs=3, batch_size=4, run_eagerly=False)
     train, val = tiny_records[:9], tiny_records[9:]  # 9 = 2 full batches of 4 + a partial one, as on real folders
     result = train_classifier(settings, train, val, tmp_path / "m", verbose=0)
-    assert len(result.history["loss"]) == 3
+    assert all(len(result.history[f"{m}_probs_loss"]) == 3 for m in settings.members)
 
 
 def test_graph_training_turns_off_the_arithmetic_optimizer():
@@ -128,3 +138,28 @@ def test_graph_training_turns_off_the_arithmetic_optimizer():
 
     configure_graph_training()
     assert tf.config.optimizer.get_experimental_options()["arithmetic_optimization"] is False
+
+
+def test_weights_none_picks_the_scratch_preset_and_given_keys_win():
+    values = with_preset({"weights": "none", "epochs": 3, "learning_rate": 5e-4})
+    s = build_settings(ClassifierSettings, values)
+    assert s.preset == "scratch" and s.optimizer == "adamw" and s.lr_schedule == "cosine" and s.bn_momentum == 0.9
+    assert s.freeze_fraction == 0.0  # freezing random layers only stops them learning
+    assert s.epochs == 3 and s.learning_rate == 5e-4  # given keys win over the preset
+    paper = build_settings(ClassifierSettings, with_preset({"weights": "imagenet"}))
+    assert paper.preset == "paper" and paper == ClassifierSettings(weights="imagenet")  # the paper's, unchanged
+    forced = build_settings(ClassifierSettings, with_preset({"weights": "none", "preset": "paper"}))
+    assert forced.optimizer == "adam" and forced.freeze_fraction == 0.3
+    assert set(PRESETS["scratch"]) <= {f for f in ClassifierSettings.__dataclass_fields__}
+    with pytest.raises(ConfigError, match="unknown preset 'fast'; valid: paper, scratch"):
+        build_settings(ClassifierSettings, with_preset({"preset": "fast"}))
+
+
+def test_each_softvote_member_gets_its_own_learning_rate():
+    s = ClassifierSettings(weights=None, learning_rate=1e-3, member_lr_scale={"vgg19": 0.1})
+    assert [(n, lr) for n, _, lr in training_units(s)] == [("densenet121", 1e-3), ("efficientnetb0", 1e-3),
+                                                            ("vgg19", pytest.approx(1e-4))]
+    concat = ClassifierSettings(weights=None, variant="concat", learning_rate=1e-3, member_lr_scale={"vgg19": 0.1})
+    assert [(n, lr) for n, _, lr in training_units(concat)] == [("concat", 1e-3)]
+    with pytest.raises(ValueError, match="unknown member"):
+        ClassifierSettings(member_lr_scale={"resnet50": 0.5})

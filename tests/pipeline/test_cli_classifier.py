@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -78,4 +79,21 @@ def test_train_classifier_cli_single_member(tiny_tree, tmp_path, capsys):
         assert (out / name).is_file(), name
     side = json.loads((out / "model.json").read_text())
     assert side["config"]["class_weight_table"] == {"normal": 701.0, "pneumonia": 1587.0, "covid": 4283.0}
+    assert side["config"]["preset"] == "scratch" and side["config"]["optimizer"] == "adamw"  # weights = "none"
     assert main(["train-classifier", "--data", str(tiny_tree), "--out", str(out), "--config", str(cfg)]) == 2
+
+    # Honest evaluation: the folder it trained on is scored on its held-out images only, unless asked.
+    with (out / "splits.csv").open() as handle:
+        n_test = sum(1 for row in csv.DictReader(handle) if row["split"] == "test")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_tree), "--out", str(tmp_path / "e1"),
+                 "--bootstrap", "20"]) == 0
+    said = capsys.readouterr().out
+    held = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert 0 < n_test < 12 and held["n"] == n_test
+    assert held["evaluated"]["excluded_training_images"] == 12 - n_test
+    assert f"left out {12 - n_test} image(s) the model trained or validated on" in said
+    assert held["bootstrap"]["method"] == "percentile, resampling patients"
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_tree), "--out", str(tmp_path / "e2"),
+                 "--bootstrap", "20", "--include-training"]) == 0
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["n"] == 12

@@ -28,11 +28,16 @@ def test_classifier_loader_refuses_a_segmenter(seg_model):
 
 
 def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
+    args = ["evaluate-segmenter", "--model", str(seg_model), "--images", str(seg_data / "images"),
+            "--masks", str(seg_data / "masks"), "--kind", "lesion", "--bootstrap", "100"]
+    assert main([*args, "--out", str(tmp_path / "held")]) == 0  # default: the bundle's held-out images only
+    held = json.loads((tmp_path / "held" / "metrics.json").read_text())
+    assert held["evaluated"]["scored"] == "held-out images only"
+    assert held["n"] + held["evaluated"]["excluded_training_images"] == 8 and 0 < held["n"] < 8
     out = tmp_path / "e"
-    assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(seg_data / "images"),
-                 "--masks", str(seg_data / "masks"), "--kind", "lesion", "--out", str(out), "--bootstrap", "100"]) == 0
+    assert main([*args, "--out", str(out), "--include-training"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] == 8
+    assert m["n"] == 8 and m["evaluated"]["why"] == "--include-training"
     for k in ("dice", "iou", "precision", "recall"):
         lo, hi = m[k]["ci95"]
         assert 0.0 <= lo <= m[k]["value"] <= hi <= 1.0
@@ -88,3 +93,23 @@ def test_lung_lesion_head_trains_from_two_mask_kinds(seg_data, tmp_path):
     assert seg.classes == "lung-lesion" and seg.model.output.shape[-1] == 3
     probs = seg.predict(np.full((2, 64, 64, 3), 120.0, np.float32))
     assert probs.shape == (2, 64, 64) and 0.0 <= probs.min() and probs.max() <= 1.0
+
+
+def test_offline_train_segmenter_names_the_fix(seg_data, tmp_path, capsys, monkeypatch):
+    """No --weights means ImageNet for the U-Net's encoder; offline that is a clear exit 2, not a traceback."""
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
+                 "--kind", "lesion", "--out", str(tmp_path / "m"), "--image-size", "64", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5 into ~/.keras/models/" in err
+    assert "weights='none'" in err and "Traceback" not in err
+    assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
+                 "--kind", "lesion", "--out", str(tmp_path / "m2"), "--weights", str(tmp_path)]) == 2
+    assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()  # a missing local file is found before anything is written
