@@ -237,6 +237,41 @@ def load_example(
     return x, (channels[0] if isinstance(mask_kind, str) else np.stack(channels, axis=-1))
 
 
+class _ExampleLoader:
+    """Decode, preprocess and augment example ``i`` of ``records`` for a given epoch (numpy; shared by
+    the tf.data pipeline and :class:`RecordBatches`)."""
+
+    def __init__(self, records, *, size, mode, clahe, augment_params, seed, mask_kind, failures) -> None:
+        self.records, self.size, self.mode, self.clahe = records, size, mode, clahe
+        self.augment_params, self.seed, self.mask_kind, self.failures = augment_params, seed, mask_kind, failures
+        self.mask_shape = (size, size) if mask_kind is None or isinstance(mask_kind, str) else (size, size, len(mask_kind))
+        self.labels = np.array([spec.class_index(r.label) if r.label is not None else -1 for r in records], np.int32)
+
+    def order(self, epoch: int, shuffle: bool) -> np.ndarray:
+        if not shuffle:
+            return np.arange(len(self.records), dtype=np.int64)
+        return np.random.default_rng(_mix(self.seed, int(epoch))).permutation(len(self.records)).astype(np.int64)
+
+    def __call__(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        rec = self.records[i]
+        try:
+            x, y = load_example(rec, size=self.size, mode=self.mode, clahe=self.clahe, mask_kind=self.mask_kind)
+        except ImageReadError as err:
+            self.failures.add(err.path, err.reason)
+            return np.zeros((self.size, self.size, 3), np.float32), np.zeros(self.mask_shape, np.float32), False
+        if self.augment_params is not None:
+            masks = [] if y is None else ([y] if y.ndim == 2 else [y[..., k] for k in range(y.shape[-1])])
+            x, moved = augment(x, masks, seed=_mix(self.seed, int(epoch), i), params=self.augment_params)
+            y = None if not moved else (moved[0] if y.ndim == 2 else np.stack(moved, axis=-1))
+        return x, (y if y is not None else np.zeros(self.mask_shape, np.float32)), True
+
+    def target(self, i: int, y: np.ndarray, one_hot: bool) -> np.ndarray:
+        if self.mask_kind is not None:
+            return y[..., None] if isinstance(self.mask_kind, str) else y
+        label = self.labels[i]
+        return np.eye(spec.NUM_CLASSES, dtype=np.float32)[label] if one_hot else np.int32(label)
+
+
 def make_dataset(
     records: Sequence[Record],
     *,
@@ -252,50 +287,52 @@ def make_dataset(
     one_hot: bool = True,
     num_parallel_calls: int | None = None,
 ):
-    """A batched, prefetched ``tf.data.Dataset`` streaming ``records`` from disk.
+    """A batched stream of ``records`` from disk, for ``fit``, ``predict`` or a plain ``for`` loop.
 
     Elements: (x float32 (B, size, size, 3) in [0, 255], y) where y is one-hot
     float32 (B, num_classes) for classification, or float32 (B, size, size, 1) in
     {0, 1} when ``mask_kind`` is set ((B, size, size, K) for a tuple of K kinds). Files that fail to decode are added to
     ``failures`` and skipped. Nothing is held in memory beyond the prefetch buffer.
     Augmentation is seeded per (epoch, example), so a rerun repeats exactly.
+
+    On the TensorFlow backend this is a prefetched ``tf.data.Dataset``; on the others (PyTorch,
+    JAX) a :class:`data.batches.RecordBatches` (keras.utils.PyDataset) with the same elements and seeds.
+    Both have ``.map(fn)`` over batches; write ``fn`` with ``keras.ops`` to serve both.
     """
-    import tensorflow as tf  # data's only TensorFlow dependency, kept out of import time
+    import keras
 
     if not records:
         raise DatasetError("no records to build a dataset from")
     if mask_kind is None and any(r.label is None for r in records):
         raise DatasetError("classification needs a label for every record; some have none")
     failures = failures if failures is not None else FailureLog()
-    paths = [str(r.path) for r in records]
-    mask_shape = (size, size) if mask_kind is None or isinstance(mask_kind, str) else (size, size, len(mask_kind))
-    labels = np.array(
-        [spec.class_index(r.label) if r.label is not None else -1 for r in records], dtype=np.int32
-    )
+    loader = _ExampleLoader(records, size=size, mode=mode, clahe=clahe, augment_params=augment_params, seed=seed,
+                            mask_kind=mask_kind, failures=failures)
+    if keras.backend.backend() != "tensorflow":
+        from data.batches import RecordBatches
+
+        return RecordBatches(loader, batch_size=batch_size, shuffle=shuffle, one_hot=one_hot,
+                             workers=num_parallel_calls or min(8, os.cpu_count() or 1))
+    return _tf_dataset(loader, batch_size=batch_size, shuffle=shuffle, one_hot=one_hot,
+                       num_parallel_calls=num_parallel_calls)
+
+
+def _tf_dataset(loader: _ExampleLoader, *, batch_size: int, shuffle: bool, one_hot: bool, num_parallel_calls):
+    import tensorflow as tf  # data's only TensorFlow dependency, kept out of import time
+
+    n, size, mask_shape = len(loader.records), loader.size, loader.mask_shape
+    labels = loader.labels
     epochs_started = itertools.count()
 
     def _next_epoch() -> np.int64:
         return np.int64(next(epochs_started))
 
     def _order(epoch: np.ndarray) -> np.ndarray:
-        if not shuffle:
-            return np.arange(len(paths), dtype=np.int64)
-        return np.random.default_rng(_mix(seed, int(epoch))).permutation(len(paths)).astype(np.int64)
+        return loader.order(int(epoch), shuffle)
 
     def _load(index: np.ndarray, epoch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        i = int(index)
-        rec = records[i]
-        try:
-            x, y = load_example(rec, size=size, mode=mode, clahe=clahe, mask_kind=mask_kind)
-        except ImageReadError as err:
-            failures.add(err.path, err.reason)
-            empty = np.zeros((size, size, 3), np.float32)
-            return empty, np.zeros(mask_shape, np.float32), np.bool_(False)
-        if augment_params is not None:
-            masks = [] if y is None else ([y] if y.ndim == 2 else [y[..., k] for k in range(y.shape[-1])])
-            x, moved = augment(x, masks, seed=_mix(seed, int(epoch), i), params=augment_params)
-            y = None if not moved else (moved[0] if y.ndim == 2 else np.stack(moved, axis=-1))
-        return x, (y if y is not None else np.zeros(mask_shape, np.float32)), np.bool_(True)
+        x, y, ok = loader(int(index), int(epoch))
+        return x, y, np.bool_(ok)
 
     def _map(index, epoch):
         x, y, ok = tf.numpy_function(_load, [index, epoch], [tf.float32, tf.float32, tf.bool])
@@ -305,14 +342,14 @@ def make_dataset(
         return index, x, y, ok
 
     def _target(index, x, y, ok):
-        if mask_kind is not None:
-            return x, (tf.expand_dims(y, -1) if isinstance(mask_kind, str) else y)
+        if loader.mask_kind is not None:
+            return x, (tf.expand_dims(y, -1) if isinstance(loader.mask_kind, str) else y)
         label = tf.gather(labels, index)
         return x, (tf.one_hot(label, spec.NUM_CLASSES) if one_hot else label)
 
     def _epoch_elements(epoch):
         order = tf.numpy_function(_order, [epoch], tf.int64)
-        order.set_shape((len(paths),))
+        order.set_shape((n,))
         indices = tf.data.Dataset.from_tensor_slices(order)
         return tf.data.Dataset.zip((indices, tf.data.Dataset.from_tensors(epoch).repeat()))
 

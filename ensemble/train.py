@@ -168,13 +168,20 @@ class TrainResult:
 
 
 def _with_targets(ds, outputs: list[str], weights: np.ndarray):
-    """(x, onehot) → (x, onehot or {output: onehot}, sample_weight)."""
-    import tensorflow as tf
+    """(x, onehot) batches → (x, onehot or {output: onehot}, per-example class weight).
 
-    table = tf.constant(weights, dtype=tf.float32)
+    Works on both streams of data.datasets.make_dataset: numpy batches (PyTorch/JAX backends)
+    and tf.data's symbolic ones (keras.ops there).
+    """
+    from keras import ops
+
+    table = np.asarray(weights, np.float32)
 
     def fn(x, y):
-        w = tf.gather(table, tf.argmax(y, axis=-1))
+        if isinstance(y, np.ndarray):
+            w = table[y.argmax(axis=-1)]
+        else:
+            w = ops.take(ops.convert_to_tensor(table), ops.argmax(y, axis=-1))
         return x, (y if len(outputs) == 1 else {name: y for name in outputs}), w
 
     return ds.map(fn)

@@ -214,10 +214,14 @@ def load_segmenter(directory) -> Segmenter:
 
 
 def lung_lesion_targets(x, masks):
-    """(x, (B, S, S, 2) lung and lesion masks) → (x, (B, S, S, 3) one-hot background / lung / lesion)."""
+    """(x, (B, S, S, 2) lung and lesion masks) → (x, (B, S, S, 3) one-hot background / lung / lesion).
+
+    Numpy batches (PyTorch/JAX streams) or tf.data's symbolic ones (keras.ops).
+    """
+    xp_cat, xp_max = (np.concatenate, np.maximum) if isinstance(masks, np.ndarray) else (ops.concatenate, ops.maximum)
     lung, lesion = masks[..., 0:1], masks[..., 1:2]
     lung_only = lung * (1.0 - lesion)
-    return x, ops.concatenate([1.0 - ops.maximum(lung, lesion), lung_only, lesion], axis=-1)
+    return x, xp_cat([1.0 - xp_max(lung, lesion), lung_only, lesion], axis=-1)
 
 
 @dataclass

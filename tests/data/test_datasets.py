@@ -127,3 +127,28 @@ def test_segmentation_dataset_pairs_masks(tmp_path):
     x, y = next(iter(ds))
     assert x.shape == (3, 32, 32, 3) and y.shape == (3, 32, 32, 1)
     assert set(np.unique(y.numpy())) == {0.0, 1.0}
+
+
+def test_backend_neutral_stream_matches_tf_data(tmp_path):
+    """The PyDataset stream used on PyTorch/JAX yields what tf.data yields: same images, order,
+    augmentation per epoch and skipped files; `.map` works on its numpy batches."""
+    from data.batches import RecordBatches
+    from data.datasets import _ExampleLoader
+
+    d = make_tree(tmp_path / "d")
+    (d / "covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    recs = load_records(d)
+    common = dict(size=32, mode="stretch", clahe=False, augment_params=AugmentParams(), seed=5, mask_kind=None)
+    tf_ds = make_dataset(recs, batch_size=7, shuffle=True, **{k: v for k, v in common.items() if k != "mask_kind"})
+    failures = FailureLog()
+    py_ds = RecordBatches(_ExampleLoader(recs, failures=failures, **common), batch_size=7, shuffle=True,
+                          one_hot=True, workers=2)
+    assert len(py_ds) == 1  # 7 files, one of them unreadable
+    for _ in range(2):  # two epochs: new order and augmentation each time, identical on both streams
+        (tx, ty), = [(x.numpy(), y.numpy()) for x, y in tf_ds]
+        (px, py), = list(py_ds)
+        np.testing.assert_array_equal(tx, px)
+        np.testing.assert_array_equal(ty, py)
+    assert py_ds.epoch == 2 and len(failures) == 2 and failures.items[0][0].endswith("broken.png")
+    (mx, my), = list(py_ds.map(lambda x, y: (x[:, :1], y * 2)))
+    assert mx.shape == (6, 1, 32, 3) and my.max() == 2.0
