@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import keras
 import numpy as np
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("plateau", "cosine")
+
+
+def apply_preset(values: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]], default: str) -> dict[str, Any]:
+    """``values`` completed by the preset ``values["preset"]`` (else ``default``): the preset gives
+    the keys that ``values`` leaves out; keys given always win. An unknown preset name is kept for
+    the settings' own check to refuse with the valid names."""
+    name = values.get("preset") or default
+    return {**presets.get(name, {}), **values, "preset": name}
 
 
 def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs: int, label_smoothing: float = 0.0,

@@ -21,8 +21,8 @@ from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.tf_setup import configure_graph_training
-from data.training import (build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm, set_bn_momentum,
-                           steps_per_epoch, write_history_csv)
+from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm,
+                           set_bn_momentum, steps_per_epoch, write_history_csv)
 from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
@@ -59,11 +59,10 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     "none" and "paper" otherwise. Keys given in ``values`` always win."""
     from data.weights import is_none
 
-    name = values.get("preset") or ("scratch" if is_none(values.get("weights", "imagenet")) else "paper")
-    preset = dict(PRESETS.get(name, {}))  # an unknown name fails in the settings check
-    if values.get("member_weights") is not None:
-        preset.pop("fit_member_weights", None)  # weights given by the user are used as given
-    return {**preset, **values, "preset": name}
+    presets = dict(PRESETS)
+    if values.get("member_weights") is not None:  # weights given by the user are used as given
+        presets = {k: {kk: vv for kk, vv in v.items() if kk != "fit_member_weights"} for k, v in presets.items()}
+    return apply_preset(values, presets, "scratch" if is_none(values.get("weights", "imagenet")) else "paper")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ DEMO_VERSION = 2
 
 #: Demo models: trained from scratch ("scratch" preset) at 64 px in graph mode, sized so that a cold
 #: cache finishes on the 2-core reference CPU within 10 minutes (README: "cxr demo").
-CLASSIFIER = {"members": ["densenet121"], "image_size": 64, "epochs": 8, "batch_size": 32, "weights": "none"}
-SEGMENTER = {"arch": "unet-densenet121", "image_size": 64, "epochs": 6, "batch_size": 16, "weights": "none",
-             "min_lesion_area": 8}
+CLASSIFIER = {"members": ["densenet121"], "image_size": 64, "epochs": 4, "batch_size": 32, "weights": "none"}
+SEGMENTER = {"arch": "unet-densenet121", "image_size": 64, "epochs": 3, "batch_size": 16, "weights": "none",
+             "min_lesion_area": 8, "run_eagerly": True}  # eager: tracing would cost more than these few steps
+#: X-rays drawn (stratified by class, seeded) for the demo classifier's patient-level split.
+CLASSIFIER_IMAGES = 1500
 #: Training images per segmenter (the lung masks number ~2,000; a few hundred suffice for a demo).
-SEGMENTER_IMAGES = 400
+SEGMENTER_IMAGES = 160
 #: Without ../shared/data the demo can only train on the 9 bundled images, eagerly, for a moment.
 SAMPLE_ONLY = {"classifier": {**CLASSIFIER, "epochs": 2, "run_eagerly": True},
                "segmenter": {**SEGMENTER, "epochs": 1, "run_eagerly": True}}
@@ -78,13 +80,15 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
     t0 = time.perf_counter()
     records, description, real, lesion_kind = _training_records()
     clf_settings, seg_settings = (CLASSIFIER, SEGMENTER) if real else (SAMPLE_ONLY["classifier"], SAMPLE_ONLY["segmenter"])
-    key = hashlib.sha256(json.dumps([DEMO_VERSION, description, clf_settings, seg_settings, SEGMENTER_IMAGES]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([DEMO_VERSION, description, clf_settings, seg_settings, CLASSIFIER_IMAGES,
+                                     SEGMENTER_IMAGES]).encode()).hexdigest()[:12]
     models = (cache or default_cache()) / f"demo-{key}"
     trained = False
     if not all((models / m / "model.json").is_file() for m in ("classifier", "lesion", "lung", "held_out")):
         shutil.rmtree(models, ignore_errors=True)  # a half-trained cache from an interrupted demo
         models.mkdir(parents=True)
-        train_classifier_job(records, models / "classifier", overrides=clf_settings, progress=progress, verbose=verbose)
+        train_classifier_job(_stratified(records, CLASSIFIER_IMAGES) if real else records, models / "classifier",
+                             overrides=clf_settings, progress=progress, verbose=verbose)
         splits = models / "classifier" / "splits.csv"  # patient-level; the segmenters keep to it
         for folder, kind in (("lesion", lesion_kind), ("lung", "lung")):
             subset = _subset(records, kind, splits if real else None)
@@ -110,6 +114,19 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
                        segmenter=load_segmenter(models / "lesion"), lung_model=load_segmenter(models / "lung"),
                        progress=progress, model_note=note)
     return DemoResult(res.report, models, trained, time.perf_counter() - t0, description, note)
+
+
+def _stratified(records, n: int) -> list:
+    """About ``n`` records, the same share of each class, drawn with a fixed seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for label in sorted({r.label for r in records}):
+        of_class = [r for r in records if r.label == label]
+        k = min(len(of_class), round(n * len(of_class) / len(records)))
+        out += [of_class[i] for i in sorted(rng.choice(len(of_class), k, replace=False))]
+    return out
 
 
 def _subset(records, kind: str, splits: Path | None) -> list:

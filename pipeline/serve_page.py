@@ -30,6 +30,7 @@ UPLOAD_PAGE = """<!doctype html>
 <p id="error" role="alert" hidden></p>
 <section id="result" hidden>
   <h2>Result: <span id="label"></span> (confidence <span id="confidence"></span>)</h2>
+  <p id="refer" class="warn" role="note" hidden></p>
   <div id="bars"></div>
   <p id="stage2"></p>
   <div class="images">
@@ -74,6 +75,8 @@ $("form").addEventListener("submit", async (event) => {
 function show(r) {
   text($("label"), r.label);
   text($("confidence"), (100 * r.confidence).toFixed(1) + " %");
+  // A referred image is set apart: its label is not to be relied on.
+  text($("refer"), r.refer ? "Referred to a reader: " + r.refer_reason : "").hidden = !r.refer;
   const bars = $("bars"); bars.replaceChildren();
   for (const [name, p] of Object.entries(r.probabilities)) {
     const row = document.createElement("div"); row.className = "bar"; row.dataset.cls = name;

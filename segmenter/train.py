@@ -23,8 +23,8 @@ from data.datasets import FailureLog, Record, make_dataset
 from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from data.tf_setup import configure_graph_training
-from data.training import (build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm, set_bn_momentum,
-                           steps_per_epoch)
+from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm,
+                           set_bn_momentum, steps_per_epoch)
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
@@ -64,8 +64,7 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     from data.weights import is_none
 
     scratch = is_none(values.get("weights", "imagenet")) or values.get("arch") == "fc-densenet103"
-    name = values.get("preset") or ("scratch" if scratch else "paper")
-    return {**PRESETS.get(name, {}), **values, "preset": name}  # an unknown name fails in the settings check
+    return apply_preset(values, PRESETS, "scratch" if scratch else "paper")
 
 
 @dataclass(frozen=True)

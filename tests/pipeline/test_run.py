@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
 
@@ -28,6 +29,8 @@ def mixed_folder(tmp_path_factory, bad_corpus):
         (d / "gen").mkdir(exist_ok=True)
         (d / "gen" / f"g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=300 + i)))
         good.append(f"gen/g{i}.png")
+    (d / "gen" / "blank.png").write_bytes(png_bytes(np.full((90, 80), 128, np.uint8)))  # readable, not an X-ray
+    good.append("gen/blank.png")
     (d / "bad").mkdir()
     bad = []
     for name, expect in BAD_CORPUS_EXPECT.items():
@@ -61,7 +64,12 @@ def test_run_on_mixed_folder(mixed_folder, light_bundle, seg_model, tmp_path):
         assert (out / "overlays" / (Path(r["file"]).with_suffix("").as_posix() + ".gradcam.png")).is_file()
         if r["segmented"] == "True":
             assert r["lung_affected_pct"] != ""  # the lung model gives the share of lung affected
+        assert r["refer"] in ("True", "False") and (r["refer"] == "True") == bool(r["refer_reason"])
     html = (out / "report.html").read_text()
+    referred = [r for r in results if r["refer"] == "True"]
+    assert (f"Referred to a reader ({len(referred)})" in html) == bool(referred)
+    # A blank PNG in the mixed folder is readable but no X-ray: referred, and listed apart.
+    assert any(r["refer_reason"] == "blank image" for r in referred)
     refs = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"href='([^']+)'", html)
     assert refs and all((out / ref.replace("%20", " ")).is_file() for ref in refs)
     assert "Research use only" in html

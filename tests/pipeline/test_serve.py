@@ -67,7 +67,8 @@ def test_health_and_openapi(client, models):
     assert "multipart/form-data" in post["requestBody"]["content"]
     assert {"413", "415", "422"} <= set(post["responses"])
     props = schema["components"]["schemas"]["Prediction"]["properties"]
-    assert {"label", "probabilities", "confidence", "segmented", "lesions", "lung_affected_pct", "urls"} <= set(props)
+    assert {"label", "probabilities", "confidence", "refer", "refer_reason", "segmented", "lesions",
+            "lung_affected_pct", "urls"} <= set(props)
 
 
 def test_predict_png_matches_the_pipeline_and_serves_its_images(client, models):
@@ -79,6 +80,7 @@ def test_predict_png_matches_the_pipeline_and_serves_its_images(client, models):
     assert list(body["probabilities"]) == list(spec.CLASS_NAMES)
     np.testing.assert_allclose([body["probabilities"][c] for c in spec.CLASS_NAMES], ref.probs, atol=1e-4)
     assert body["label"] == ref.label and body["confidence"] == pytest.approx(ref.probs.max(), abs=1e-4)
+    assert (body["refer"], body["refer_reason"]) == (ref.refer, ref.refer_reason) and body["refer"] is not None
     assert (body["width"], body["height"]) == (100, 120)
     assert body["segmented"] and body["lesion_count"] == len(body["lesions"]) == ref.stage2_fields()["lesion_count"]
     assert body["lung_affected_pct"] is not None  # a lung model is loaded
