@@ -83,7 +83,7 @@ def test_predict_png_matches_the_pipeline_and_serves_its_images(client, models):
     assert (body["refer"], body["refer_reason"]) == (ref.refer, ref.refer_reason) and body["refer"] is not None
     assert (body["width"], body["height"]) == (100, 120)
     assert body["segmented"] and body["lesion_count"] == len(body["lesions"]) == ref.stage2_fields()["lesion_count"]
-    assert body["lung_affected_pct"] is not None  # a lung model is loaded
+    assert body["lung_affected_pct"] == ref.stage2_fields()["lung_affected_pct"]  # the lung model ran, as in `cxr run`
     for key in ("gradcam", "mask", "mask_overlay"):
         img = client.get(body["urls"][key])
         assert img.status_code == 200 and img.headers["content-type"] == "image/png"
