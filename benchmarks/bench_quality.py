@@ -45,10 +45,10 @@ DEFAULT_MASKS = [SHARED / "cxr_masks", SHARED / "large" / "cxr_masks"]
 
 #: (default, --quick) settings; each fits its time budget on the 2-core reference CPU.
 PROFILES = {
-    "default": dict(size=64, epochs=10, max_train=None, seg_size=64, seg_epochs=12, lung_epochs=4,
-                    cnn_epochs=15, members=("densenet121", "efficientnetb0", "vgg19")),
-    "quick": dict(size=64, epochs=4, max_train=600, seg_size=64, seg_epochs=6, lung_epochs=3,
-                  cnn_epochs=10, members=("densenet121", "efficientnetb0", "vgg19")),
+    "default": dict(size=64, epochs=10, max_train=None, seg_size=64, seg_epochs=8, lung_epochs=4,
+                    seg_max_train=300, cnn_epochs=15, members=("densenet121", "efficientnetb0", "vgg19")),
+    "quick": dict(size=64, epochs=3, max_train=400, seg_size=64, seg_epochs=4, lung_epochs=2,
+                  seg_max_train=150, cnn_epochs=6, members=("densenet121", "efficientnetb0", "vgg19")),
 }
 
 
@@ -162,7 +162,8 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
     return rows
 
 
-def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path) -> dict:
+def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
+                  max_train: int | None = None) -> dict:
     from pipeline.common import patient_ids
     from pipeline.segmenter_jobs import mean_ci
     from segmenter.metrics import segmentation_scores
@@ -170,6 +171,8 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
 
     with_mask = [r for r in records if kind in r.masks]
     train, val, test = (select_split(with_mask, assignment, s) for s in ("train", "val", "test"))
+    if max_train and len(train) > max_train:
+        train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), max_train, replace=False))]
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
                                                "epochs": epochs, "batch_size": 16}))
     t0 = time.perf_counter()
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, help="keep the trained models here (default: a temporary folder)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--skip", nargs="*", default=[], choices=("rf", "cnn", "ensemble", "infection", "lung"))
-    for key in ("size", "epochs", "max_train", "seg_size", "seg_epochs", "lung_epochs", "cnn_epochs"):
+    for key in ("size", "epochs", "max_train", "seg_size", "seg_epochs", "lung_epochs", "seg_max_train", "cnn_epochs"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
     args = ap.parse_args(argv)
     missing = [str(d) for d in args.data if not d.is_dir()]
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 row = segmenter_row(usable, assignment, kind=kind, size=profile["seg_size"], epochs=epochs,
-                                    n_boot=args.bootstrap, workdir=work)
+                                    n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"])
             except (ValueError, DatasetError) as err:
                 print(f"[{kind}] skipped: {err}")
                 continue

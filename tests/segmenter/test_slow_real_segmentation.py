@@ -11,9 +11,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-#: (Dice floor, training images cap). An all-foreground guess scores the mask's share of the image
+#: (Dice floor, images cap). bench_quality --quick reached lung 0.937 and infection 0.639 (64 px, 3 and 6
+#: epochs). An all-foreground guess scores about twice the mask's share of the image
 #: (lung fields ~0.3–0.4 of a chest X-ray; infection less), all-background 0 on every positive image.
-FLOORS = {"lung": (0.80, 600), "infection": (0.40, 600)}
+FLOORS = {"lung": (0.85, 600), "infection": (0.55, 600)}
 
 
 @pytest.mark.parametrize("kind", ["infection", "lung"])
