@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.bundle import git_revision, package_versions
-from data.datasets import DatasetError, FailureLog, Record
+from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.splits import assign_splits, find_leaks, group_records, hash_records, read_splits, write_splits
 
 
@@ -55,20 +55,32 @@ def held_out_records(records: Sequence[Record], model_dir: str | os.PathLike[str
     """The records a bundle did not train or validate on, and what was done (for metrics.json).
 
     A bundle's ``splits.csv`` lists the images it was trained and validated on; scoring those is
-    not a held-out result, so they are left out unless ``include_training``. Images the bundle
-    never saw (absent from its splits.csv) are kept. DatasetError when nothing is left.
+    not a held-out result, so they are left out unless ``include_training``, and so are other images
+    of their patients. Images the bundle never saw (absent from its splits.csv, of other patients)
+    are kept. DatasetError when nothing is left.
     """
     side = Path(model_dir) / "splits.csv"
     if include_training or not side.is_file():
         why = "--include-training" if include_training else "the bundle has no splits.csv"
         return list(records), {"scored": "all images", "why": why, "excluded_training_images": 0}
     assignment = read_splits(side)
-    kept = [r for r in records if assignment.get(r.key, "test") == "test"]
+    seen = _seen_patients(side)
+    kept = [r for r in records if assignment.get(r.key) == "test"
+            or (r.key not in assignment and not (r.patient_id and r.patient_id in seen))]
     excluded = len(records) - len(kept)
     if not kept:
         raise DatasetError(f"all {len(records)} images were used to train or validate {model_dir} (its splits.csv); "
                            "evaluate on other images, or pass --include-training to score them anyway")
     return kept, {"scored": "held-out images only", "excluded_training_images": excluded, "splits": str(side)}
+
+
+def _seen_patients(splits_csv: Path) -> set[str]:
+    """Patient ids of a bundle's train and val rows: their other images are not held out either."""
+    import csv
+
+    with open_csv(splits_csv, "splits file") as handle:
+        return {row["patient_id"] for row in csv.DictReader(handle)
+                if row.get("split") in ("train", "val") and row.get("patient_id")}
 
 
 def patient_ids(records: Sequence[Record]) -> list[str]:
