@@ -305,7 +305,7 @@ def train_classifier(
     if not math.isfinite(temperature):
         raise RuntimeError(f"temperature fit gave {temperature}; validation probabilities are degenerate")
     refer = {
-        "input_check": fit_input_check(np.asarray(x)[i] for x, _ in plain for i in range(len(x))),
+        "input_check": fit_input_check(row for x, _ in plain for row in np.asarray(x)),
         "confidence": fit_confidence_threshold(apply_temperature(raw_v, temperature), labels_v,
                                                target_error=settings.refer_target_error),
     }
