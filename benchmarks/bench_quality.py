@@ -38,6 +38,7 @@ from data import spec  # noqa: E402
 from data.datasets import DatasetError, load_example  # noqa: E402
 from data.io import ImageReadError  # noqa: E402
 from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
+from pipeline.common import patient_ids  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cxr", SHARED / "large" / "cxr"]
@@ -50,10 +51,6 @@ PROFILES = {
     "quick": dict(size=64, epochs=3, max_train=400, seg_size=64, seg_epochs=4, lung_epochs=2,
                   seg_max_train=150, cnn_epochs=6, members=("densenet121", "efficientnetb0", "vgg19")),
 }
-
-
-def patients_of(records) -> list[str]:
-    return [r.patient_id or r.group_id or r.key for r in records]
 
 
 def thumbnails(records, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +69,7 @@ def score(name: str, labels: np.ndarray, probs: np.ndarray, records, *, seconds:
           n_boot: int) -> dict:
     from ensemble.evaluate import classification_metrics, metrics_by_group
 
-    pats = patients_of(records)
+    pats = patient_ids(records)
     m = classification_metrics(labels, probs, n_boot=n_boot, groups=pats)
     per_source = metrics_by_group(labels, probs, [r.source for r in records], patients=pats, n_boot=0)
     return {
@@ -100,7 +97,7 @@ def random_forest(train, test, n_boot: int) -> dict:
                  n_boot=n_boot)
 
 
-def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, workdir: Path) -> dict:
+def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
     """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe."""
     import keras
     from keras import layers
@@ -164,7 +161,6 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
 
 def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
                   max_train: int | None = None) -> dict:
-    from pipeline.common import patient_ids
     from pipeline.segmenter_jobs import mean_ci
     from segmenter.metrics import segmentation_scores
     from segmenter.train import SegmenterSettings, train_segmenter, with_preset
@@ -250,7 +246,7 @@ def main(argv=None) -> int:
         train = [train[i] for i in sorted(rng.choice(len(train), profile["max_train"], replace=False))]
     result = {"settings": {**profile, "members": list(profile["members"]), "data": [str(d) for d in args.data],
                            "n_train": len(train), "n_val": len(val), "n_test": len(test),
-                           "test_patients": len(set(patients_of(test))), "keras": keras.__version__,
+                           "test_patients": len(set(patient_ids(test))), "keras": keras.__version__,
                            "backend": keras.backend.backend(), "cpus": os.cpu_count()},
               "classifiers": [], "segmenters": []}
     print("settings:", json.dumps(result["settings"]), flush=True)
@@ -266,7 +262,7 @@ def main(argv=None) -> int:
         steps = [
             ("rf", lambda: [random_forest(train, test, args.bootstrap)]),
             ("cnn", lambda: [small_cnn(train, val, test, size=profile["size"], epochs=profile["cnn_epochs"],
-                                       n_boot=args.bootstrap, workdir=work)]),
+                                       n_boot=args.bootstrap)]),
             ("ensemble", lambda: ensemble_rows(train, val, test, size=profile["size"], epochs=profile["epochs"],
                                                members=profile["members"], n_boot=args.bootstrap, workdir=work)),
         ]

@@ -37,7 +37,13 @@ def layout_vector(x: np.ndarray) -> np.ndarray:
 
 def fit_input_check(inputs: Iterable[np.ndarray], *, percentile: float = 1.0) -> dict[str, Any]:
     """The input check's template and threshold from training inputs ((S, S, 3) in [0, 255] each)."""
-    vectors = np.stack([layout_vector(x) for x in inputs])
+    return input_check_from_vectors((layout_vector(x) for x in inputs), percentile=percentile)
+
+
+def input_check_from_vectors(vectors: Iterable[np.ndarray], *, percentile: float = 1.0) -> dict[str, Any]:
+    """:func:`fit_input_check` from the inputs' :func:`layout_vector` (so a caller streaming the
+    training set once can collect them on the way)."""
+    vectors = np.stack(list(vectors))
     if len(vectors) < 2:
         raise ValueError("the input check needs at least 2 training images")
     template = vectors.mean(axis=0)

@@ -27,7 +27,7 @@ from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_we
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
 from ensemble.members import MEMBERS, resolve_weights
-from ensemble.refer import DEFAULT_TARGET_ERROR, fit_confidence_threshold, fit_input_check
+from ensemble.refer import DEFAULT_TARGET_ERROR, fit_confidence_threshold, input_check_from_vectors, layout_vector
 
 #: A fitted temperature at or above this means validation predictions are nearly uninformative.
 TEMPERATURE_WARNING = 10.0
@@ -284,8 +284,20 @@ def train_classifier(
             history[key] = [float(v) for v in values]
     if len(units) > 1:
         write_history_csv(out_dir / "training_log.csv", history)
-    plain = make_dataset(train, shuffle=True, **common)  # no augmentation: the statistics inference will see
-    bn_batches = reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
+    # One pass over the training images without augmentation (what inference will see): the first
+    # batches re-estimate BatchNorm, and every image gives its layout vector for the input check.
+    layouts: list[np.ndarray] = []
+
+    def plain_batches():
+        for x, _ in make_dataset(train, shuffle=True, **common):
+            x = np.asarray(x)
+            layouts.extend(layout_vector(row) for row in x)
+            yield x
+
+    batches = plain_batches()
+    bn_batches = reestimate_batchnorm(model, batches, max_batches=settings.bn_reestimate_batches)
+    for _ in batches:  # the rest of the pass, for the input check
+        pass
     # Temperature on the validation split, from the final model's probabilities.
     labels, raw, members_raw = [], [], {}
     for x, y in val_ds:
@@ -305,7 +317,7 @@ def train_classifier(
     if not math.isfinite(temperature):
         raise RuntimeError(f"temperature fit gave {temperature}; validation probabilities are degenerate")
     refer = {
-        "input_check": fit_input_check(row for x, _ in plain for row in np.asarray(x)),
+        "input_check": input_check_from_vectors(layouts),
         "confidence": fit_confidence_threshold(apply_temperature(raw_v, temperature), labels_v,
                                                target_error=settings.refer_target_error),
     }
@@ -322,7 +334,7 @@ def train_classifier(
         # A temperature this high flattens every probability towards 1/3: the model's validation
         # predictions carry almost no information. Say so rather than hide it.
         print(f"warning: temperature {temperature:.1f} on validation (accuracy {validation['accuracy']:.3f}): "
-              "the classifier has not learned; see the README's 'Training from scratch'", file=sys.stderr)
+              "the classifier has not learned; see the README's 'Presets' section", file=sys.stderr)
     config = {**settings.to_dict(), "class_weight_table": cw, "n_train": len(train), "n_val": len(val)}
     save_classifier(
         model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
