@@ -15,8 +15,7 @@ used by everything trained in this run:
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
 epochs in force are printed first. The default profile took about 87 minutes on the 2-core reference
-CPU (2026-11-26, stage by stage); ``--quick`` is sized for about 10–12 minutes but not re-timed since
-its segmenter cap was added. Results are written after each stage (``--json``), so an interrupted
+CPU (2026-11-26, stage by stage); ``--quick`` took 751 s (12.5 minutes) the same day. Results are written after each stage (``--json``), so an interrupted
 run keeps what it finished. Skips with a reason when the data folders are absent.
 """
 
