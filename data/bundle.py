@@ -22,7 +22,7 @@ from data import spec
 SIDECAR = "model.json"
 MODEL_FILE = "model.keras"
 FORMAT = "cxr-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sidecar_hash covers every field; 1 (config_hash only) is still read
 
 
 class BundleError(Exception):
@@ -94,8 +94,14 @@ def save_bundle(model, directory: str | os.PathLike[str], *, kind: str, image_si
         "git_revision": git_revision(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    sidecar["sidecar_hash"] = sidecar_hash(sidecar)
     write_json_atomic(directory / SIDECAR, sidecar)
     return directory / SIDECAR
+
+
+def sidecar_hash(sidecar: dict[str, Any]) -> str:
+    """sha256 of every sidecar field but itself: an edit to any field (image_size, meta, ...) is caught."""
+    return config_hash({k: v for k, v in sidecar.items() if k != "sidecar_hash"})
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -117,8 +123,8 @@ def read_sidecar(directory: str | os.PathLike[str], *, kind: str) -> dict[str, A
         side = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path}: not valid JSON ({err}); restore it from the training run") from None
-    if side.get("format") != FORMAT or side.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} sidecar")
+    if side.get("format") != FORMAT or side.get("format_version") not in (1, FORMAT_VERSION):
+        raise BundleError(f"{path}: not a {FORMAT} v1 or v{FORMAT_VERSION} sidecar")
     if side.get("kind") != kind:
         raise BundleError(f"{directory}: holds a {side.get('kind')!r} model, expected a {kind!r} model")
     if side.get("class_names") != list(spec.CLASS_NAMES):
@@ -128,6 +134,9 @@ def read_sidecar(directory: str | os.PathLike[str], *, kind: str) -> dict[str, A
         )
     if side.get("config_hash") != config_hash(side.get("config", {})):
         raise BundleError(f"{path}: config_hash does not match its config; the sidecar was edited")
+    if side.get("format_version", 1) >= 2 and side.get("sidecar_hash") != sidecar_hash(side):
+        raise BundleError(f"{path}: sidecar_hash does not match its fields; the sidecar was edited after saving "
+                          "(restore it from the training run, or retrain)")
     for name, digest in side.get("files", {}).items():
         f = directory / name
         if not f.is_file():

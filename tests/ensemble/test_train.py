@@ -76,6 +76,9 @@ def test_save_load_gives_identical_predictions(trained_bundle):
         (lambda d: _edit(d, lambda s: s.update(class_names=["normal", "covid", "pneumonia"])), "class names"),
         (lambda d: _edit(d, lambda s: s["config"].update(epochs=99)), "config_hash"),
         (lambda d: _edit(d, lambda s: s.update(kind="segmenter")), "expected a 'classifier'"),
+        (lambda d: _edit(d, lambda s: s.update(image_size=s["image_size"] * 2)), "sidecar_hash"),
+        (lambda d: _edit(d, lambda s: s["meta"].update(temperature=1.0)), "sidecar_hash"),
+        (lambda d: _edit(d, lambda s: s.pop("sidecar_hash")), "sidecar_hash"),
         (lambda d: (d / "model.json").write_text("{"), "not valid JSON"),
     ],
 )
