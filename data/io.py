@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -98,6 +99,27 @@ def decode_image(
     return array
 
 
+def peek_pixels(path: str | os.PathLike[str]) -> int | None:
+    """Pixel count from a file's header, without decoding the pixels; None when the header does
+    not tell (the decode will then say why). Lets a caller budget memory before decoding."""
+    try:
+        with open(path, "rb") as handle:
+            kind = sniff_format(handle.read(132))
+            handle.seek(0)
+            if kind == "dicom":
+                import pydicom
+
+                ds = pydicom.dcmread(handle, stop_before_pixels=True)
+                return int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1)
+            if kind is None:
+                return None
+            Image.init()
+            img = Image.OPEN[_PIL_FORMATS[kind]][0](handle)
+            return int(img.width) * int(img.height)
+    except Exception:  # noqa: BLE001 - a header we cannot read is the decoder's to report, with its reason
+        return None
+
+
 def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageReadError(name, f"unreadable: declared size {width}x{height}")
@@ -121,7 +143,7 @@ def _decode_raster(data: bytes, name: str, kind: str, max_pixels: int) -> np.nda
     try:
         img = factory(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
-        raise ImageReadError(name, f"unreadable: damaged {kind.upper()} header ({err})") from None
+        raise ImageReadError(name, f"unreadable: damaged {kind.upper()} header ({_one_line(err)})") from None
     # Size comes from the header; the pixels are not decoded yet.
     _check_size(name, img.width, img.height, max_pixels)
     try:
@@ -129,7 +151,7 @@ def _decode_raster(data: bytes, name: str, kind: str, max_pixels: int) -> np.nda
         img = ImageOps.exif_transpose(img)
         return _pil_to_array(img)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        reason = str(err) or type(err).__name__
+        reason = _one_line(err)
         if "truncated" in reason or isinstance(err, EOFError):
             raise ImageReadError(name, f"unreadable: truncated {kind.upper()} ({reason})") from None
         raise ImageReadError(name, f"unreadable: {kind.upper()} decode failed ({reason})") from None
@@ -173,7 +195,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as err:
-        raise ImageReadError(name, f"unreadable: damaged DICOM ({err})") from None
+        raise ImageReadError(name, f"unreadable: damaged DICOM ({_one_line(err)})") from None
     if "PixelData" not in ds:
         raise ImageReadError(name, "not an image: DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -184,12 +206,14 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise ImageReadError(
-            name,
-            f"unreadable: cannot decode DICOM pixel data (transfer syntax {syntax}: {err}); "
-            "for compressed DICOM install pylibjpeg[all] or python-gdcm",
-        ) from None
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and getattr(syntax, "is_compressed", False):
+            raise ImageReadError(
+                name,
+                f"unreadable: cannot decode compressed DICOM pixel data (transfer syntax {syntax.name}: "
+                f"{_one_line(err)}); install pylibjpeg[all] or python-gdcm, or the data is damaged",
+            ) from None
+        raise ImageReadError(name, f"unreadable: damaged DICOM pixel data ({_one_line(err)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         values = apply_modality_lut(pixels, ds)
@@ -201,6 +225,13 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     if photometric == "RGB" and pixels.ndim == 3:
         return np.asarray(pixels, dtype=np.uint8 if pixels.dtype.itemsize == 1 else np.uint16)
     raise ImageReadError(name, f"unsupported: DICOM photometric interpretation {photometric}")
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a failure row: no object reprs, no line breaks."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(err) or type(err).__name__)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def read_mask(path: str | os.PathLike[str], *, max_pixels: int = spec.DEFAULT_MAX_PIXELS) -> np.ndarray:

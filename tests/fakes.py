@@ -80,6 +80,21 @@ BAD_CORPUS_EXPECT = {
     "cmyk.jpg": "ok",
     "gray16.png": "ok",
     "mono1.dcm": "ok",
+    # decoder-level cases added with the reliability suite (tests/pipeline/test_reliability.py)
+    "gif.png": "not an image",
+    "html.jpg": "not an image",
+    "soi_only.jpg": "damaged JPEG header",
+    "bad_zlib.png": "PNG",
+    "truncated.bmp": "truncated BMP",
+    "truncated.tif": "truncated TIFF",
+    "zero_size.png": "damaged PNG header",
+    "sliver.png": "too small: 400x4",
+    "nopix.dcm": "no pixel data",
+    "truncated.dcm": "damaged DICOM pixel data",
+    "j2k.dcm": "compressed DICOM",
+    "multiframe.dcm": "multi-frame",
+    "dark.png": "ok",
+    "float.tif": "ok",
 }
 
 
@@ -104,4 +119,47 @@ def make_bad_corpus(d: Path) -> Path:
     Image.fromarray(gray16).save(d / "gray16.png")
     mono1 = 4095 - (base.astype(np.uint16) * 16)  # MONOCHROME1: high stored value = dark
     write_monochrome1_dicom(d / "mono1.dcm", mono1)
+    _more_bad_files(d, base, good_png, mono1)
     return d
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _more_bad_files(d: Path, base: np.ndarray, good_png: bytes, mono1: np.ndarray) -> None:
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    for name, fmt in (("gif.png", "GIF"), ("truncated.bmp", "BMP"), ("truncated.tif", "TIFF")):
+        buf = io.BytesIO()
+        Image.fromarray(base).save(buf, format=fmt)
+        (d / name).write_bytes(buf.getvalue() if fmt == "GIF" else buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "html.jpg").write_text("<html><body>not an x-ray</body></html>\n")
+    (d / "soi_only.jpg").write_bytes(b"\xff\xd8\xff")
+    raw = bytearray(good_png)
+    at = raw.index(b"IDAT") + 4
+    raw[at : at + 2] = b"\x00\x00"  # an impossible zlib header inside a well-formed chunk
+    length = struct.unpack(">I", raw[at - 8 : at - 4])[0]
+    raw[at + length : at + length + 4] = struct.pack(">I", zlib.crc32(bytes(raw[at - 4 : at + length])) & 0xFFFFFFFF)
+    (d / "bad_zlib.png").write_bytes(bytes(raw))
+    (d / "zero_size.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 0, 0, 0, 0))
+                                      + _chunk(b"IEND", b""))
+    (d / "sliver.png").write_bytes(png_bytes(np.full((4, 400), 100, np.uint8)))
+    (d / "dark.png").write_bytes(png_bytes(np.zeros((96, 80), np.uint8)))  # readable; referred as blank
+    Image.fromarray(np.random.default_rng(0).random((96, 80)).astype(np.float32)).save(d / "float.tif")
+    for name, change in (("nopix.dcm", "drop"), ("truncated.dcm", "cut"), ("j2k.dcm", "j2k"), ("multiframe.dcm", "two")):
+        write_monochrome1_dicom(d / name, np.concatenate([mono1, mono1]) if change == "two" else mono1)
+        ds = pydicom.dcmread(d / name)
+        if change == "drop":
+            del ds.PixelData
+        elif change == "cut":
+            ds.PixelData = ds.PixelData[:1000]  # uncompressed: no decoder plugin would help
+        elif change == "j2k":
+            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+            ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 40])  # a JPEG 2000 stream cut short
+            ds["PixelData"].VR = "OB"
+        else:
+            ds.Rows, ds.NumberOfFrames = mono1.shape[0], 2
+        ds.save_as(d / name)
