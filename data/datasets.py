@@ -71,10 +71,18 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in spec.IMAGE_SUFFIXES
 
 
+#: a file that cxr's jobs leave in their output folders (pipeline.outputs); folders holding one are never inputs
+OUTPUT_MARKER = ".cxr-output"
+
+
 def walk_images(root: str | os.PathLike[str]) -> Iterator[Path]:
-    """Image files below ``root`` in sorted, deterministic order (hidden entries skipped)."""
+    """Image files below ``root`` in sorted, deterministic order (hidden entries skipped, and folders
+    that hold a cxr job's outputs, marked by :data:`OUTPUT_MARKER`, so results are never read as inputs)."""
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
+        if OUTPUT_MARKER in filenames:
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

@@ -23,6 +23,7 @@ from data.stream import stream_images
 from gradcam.cam import METHODS, member_heatmaps
 from gradcam.export import Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
 from gradcam.masks import colorize, draft_mask, iou, mass_inside, overlay, pointing_hit
+from pipeline.outputs import claim_output, output_name
 from pipeline.report import write_json
 
 EXPORT_FORMATS = ("cvat", "labelstudio", "sagemaker")
@@ -94,68 +95,68 @@ def gradcam_job(
         raise DatasetError(f"member(s) {', '.join(bad)} not in this model; it has {', '.join(clf.members)}")
     weights = [w for m, w in zip(clf.members, clf.member_weights) if m in chosen]
     heads = clf.head_weights()
-    out.mkdir(parents=True, exist_ok=True)
-
-    failures = FailureLog()
-    drafts: list[Draft] = []
-    rows: list[list[Any]] = []
-    audit_rows: list[dict[str, Any]] = []
-    batches = stream_images(paths, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
-                            clahe=clf.clahe, failures=failures, keep_original=True)
-    for batch in (progress(batches) if progress else batches):
-        pred = clf.predict(batch.x)
-        cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x), spec.class_index(target))
-        maps, fused = member_heatmaps({m: pred.features[m] for m in chosen}, heads, cls,
-                                      member_weights=weights, size=clf.image_size, method=method)
-        for j, (path, geo, original) in enumerate(zip(batch.paths, batch.geometries, batch.originals)):
-            rel = path.relative_to(image_dir)
-            name = rel.as_posix()
-            label = spec.CLASS_NAMES[int(cls[j])]
-            score = float(pred.probs[j, cls[j]])
-            per_image = {"ensemble": np.clip(geo.to_original(fused[j]), 0.0, 1.0)}
-            per_image.update({m: np.clip(geo.to_original(maps[m][j]), 0.0, 1.0) for m in chosen})
-            lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
-            lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
-            stem = rel.with_suffix("")
-            map_path = out / "maps" / f"{stem}.npz"
-            map_path.parent.mkdir(parents=True, exist_ok=True)
-            files = {
-                "heatmap": _png(out / "heatmaps" / f"{stem}.png", colorize(per_image["ensemble"])),
-                "map": save_maps(map_path, per_image),
-                "overlay:ensemble": _png(out / "overlays" / f"{stem}.png", overlay(original, per_image["ensemble"])),
-            }
-            for m in chosen:
-                files[f"overlay:{m}"] = _png(out / "overlays" / f"{stem}__{m}.png", overlay(original, per_image[m]))
-            mask = None
-            if label in spec.SEGMENT_CLASSES:
-                mask = draft_mask(per_image["ensemble"], threshold, lung)
-                files["mask"] = _png(out / "masks" / f"{stem}.png", mask.astype(np.uint8) * 255)
-            drafts.append(Draft(name, original.shape[1], original.shape[0], label, score, mask))
-            predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
-            files = {k: v.relative_to(out).as_posix() for k, v in files.items()}  # manifest paths relative to OUT
-            for m in ("ensemble", *chosen):
-                rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
-                             files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "", files["map"],
-                             files.get("mask", "")])
-                audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion, mask if m == "ensemble" else None))
-    _write_manifest(out / "manifest.csv", rows)
-    with (out / "failures.csv").open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([["file", "reason"], *failures.items])
-    categories = list(spec.SEGMENT_CLASSES) if target == "predicted" else [target]
-    drafts = [d for d in drafts if d.mask is None or d.label in categories]
-    if "cvat" in formats:
-        write_coco(drafts, out / "coco_instances.json", categories)
-    if "labelstudio" in formats:
-        write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
-                          image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
-    if "sagemaker" in formats:
-        write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
-                        source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
-    audit = summarise_audit(audit_rows) if (lungs or lesions) else {}
-    if audit:
-        write_json(out / "audit.json", audit)
-    n_drafts = sum(1 for d in drafts if d.mask is not None)
-    return GradcamResult(out, len(drafts), n_drafts, list(failures.items), audit)
+    with claim_output(out, job="gradcam"):
+        failures = FailureLog()
+        drafts: list[Draft] = []
+        rows: list[list[Any]] = []
+        audit_rows: list[dict[str, Any]] = []
+        batches = stream_images(paths, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
+                                clahe=clf.clahe, failures=failures, keep_original=True)
+        for batch in (progress(batches) if progress else batches):
+            pred = clf.predict(batch.x)
+            cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x), spec.class_index(target))
+            maps, fused = member_heatmaps({m: pred.features[m] for m in chosen}, heads, cls,
+                                          member_weights=weights, size=clf.image_size, method=method)
+            for j, (path, geo, original) in enumerate(zip(batch.paths, batch.geometries, batch.originals)):
+                rel = path.relative_to(image_dir)
+                name = rel.as_posix()
+                label = spec.CLASS_NAMES[int(cls[j])]
+                score = float(pred.probs[j, cls[j]])
+                per_image = {"ensemble": np.clip(geo.to_original(fused[j]), 0.0, 1.0)}
+                per_image.update({m: np.clip(geo.to_original(maps[m][j]), 0.0, 1.0) for m in chosen})
+                lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
+                lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
+                map_path = out / output_name(f"maps/{name}", ".npz")
+                map_path.parent.mkdir(parents=True, exist_ok=True)
+                files = {
+                    "heatmap": _png(out / output_name(f"heatmaps/{name}", ".heatmap.png"), colorize(per_image["ensemble"])),
+                    "map": save_maps(map_path, per_image),
+                    "overlay:ensemble": _png(out / output_name(f"overlays/{name}", ".gradcam.png"),
+                                             overlay(original, per_image["ensemble"])),
+                }
+                for m in chosen:
+                    files[f"overlay:{m}"] = _png(out / output_name(f"overlays/{name}", f".{m}.png"),
+                                                 overlay(original, per_image[m]))
+                mask = None
+                if label in spec.SEGMENT_CLASSES:
+                    mask = draft_mask(per_image["ensemble"], threshold, lung)
+                    files["mask"] = _png(out / output_name(f"masks/{name}", ".png"), mask.astype(np.uint8) * 255)
+                drafts.append(Draft(name, original.shape[1], original.shape[0], label, score, mask))
+                predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
+                files = {k: v.relative_to(out).as_posix() for k, v in files.items()}  # manifest paths relative to OUT
+                for m in ("ensemble", *chosen):
+                    rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
+                                 files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "", files["map"],
+                                 files.get("mask", "")])
+                    audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion, mask if m == "ensemble" else None))
+        _write_manifest(out / "manifest.csv", rows)
+        with (out / "failures.csv").open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([["file", "reason"], *failures.items])
+        categories = list(spec.SEGMENT_CLASSES) if target == "predicted" else [target]
+        drafts = [d for d in drafts if d.mask is None or d.label in categories]
+        if "cvat" in formats:
+            write_coco(drafts, out / "coco_instances.json", categories)
+        if "labelstudio" in formats:
+            write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
+                              image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
+        if "sagemaker" in formats:
+            write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
+                            source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
+        audit = summarise_audit(audit_rows) if (lungs or lesions) else {}
+        if audit:
+            write_json(out / "audit.json", audit)
+        n_drafts = sum(1 for d in drafts if d.mask is not None)
+        return GradcamResult(out, len(drafts), n_drafts, list(failures.items), audit)
 
 
 def _optional_mask(path: Path | None, shape: tuple[int, int], failures: FailureLog) -> np.ndarray | None:

@@ -82,8 +82,12 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
     parts.append(f"<script>{_SORT_JS}</script></body></html>\n")
     path = out / "report.html"
     tmp = path.with_name("report.html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written report behind
+        raise
     return path
 
 

@@ -8,11 +8,17 @@ is appended to ``results.jsonl`` (or ``failures.jsonl``) and flushed. A line exi
 finished image, so a killed run restarted with the same arguments skips the finished ones and
 never duplicates a row. ``results.csv``, ``failures.csv`` and
 ``report.html`` are rebuilt from the logs at the end.
+
+The output folder is locked for the run (a second run on it is refused) and marked, so it is
+never read as input; pictures are named by pipeline.outputs.output_name (``x.png`` and ``x.jpg``
+get their own). An image whose files cannot be written (a full disk, a name the file system
+refuses) gets a failure row and the run goes on; the next run retries it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,12 +31,13 @@ import cv2
 import numpy as np
 
 from data import spec
-from data.datasets import DatasetError, FailureLog, walk_images
+from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
 from data.preprocess import preprocess_image
 from data.stream import stream_images
 from ensemble.refer import refer_decisions
 from gradcam.cam import member_heatmaps
 from gradcam.masks import mask_overlay, overlay
+from pipeline.outputs import claim_output, describe_os_error, output_name
 from pipeline.report_html import REPORT_LESIONS, write_report
 
 RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "refer", "refer_reason",
@@ -47,11 +54,30 @@ class RunResult:
 
 
 def _atomic_png(path: Path, rgb: np.ndarray) -> None:
+    """Encode in memory, then write through a temporary file and a rename: a failed write (full
+    disk, say) raises OSError with its errno and leaves no partial file behind."""
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise OSError(f"{path}: could not encode PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    if not cv2.imwrite(str(tmp), rgb[..., ::-1] if rgb.ndim == 3 else rgb):
-        raise OSError(f"{path}: could not write PNG")
-    os.replace(tmp, path)
+    _write_bytes_atomic(path, buf.tobytes())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp.png" if path.suffix == ".png" else path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    _write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _read_log(path: Path, keep: Callable[[dict[str, Any]], Any] = lambda record: record) -> list[Any]:
@@ -92,25 +118,22 @@ class _Log:
 
 
 def check_run_inputs(image_dir: Path, out: Path, identity: dict[str, Any]) -> list[Path]:
-    """Images to process; DatasetError for a missing/empty folder or an OUT holding another run."""
+    """Images to process (never the outputs of a cxr job, see pipeline.outputs); DatasetError for a
+    missing or empty folder, a folder of cxr outputs, or an OUT holding another run. ``out`` is claimed."""
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: no such folder")
+    if (image_dir / OUTPUT_MARKER).exists():
+        raise DatasetError(f"{image_dir}: holds the outputs of a cxr job, not X-rays; pass the folder of X-rays")
     paths = list(walk_images(image_dir))
     if not paths:
         raise DatasetError(f"{image_dir}: no images (PNG, JPEG, BMP, TIFF, DICOM) found")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err})") from None
     run_file = out / "run.json"
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         if previous.get("identity") != identity:
             raise DatasetError(f"{out}: holds a run with other models or settings; use another --out to keep both")
     else:
-        tmp = run_file.with_name("run.json.tmp")
-        tmp.write_text(json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, run_file)
+        _write_text_atomic(run_file, json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
     return paths
 
 
@@ -126,12 +149,15 @@ def run_pipeline(
     progress: Callable[[Iterable], Iterable] | None = None,
     stop_after: int | None = None,
     model_note: str = "",
+    max_pixels: int = spec.DEFAULT_MAX_PIXELS,
 ) -> RunResult:
     """Run both stages over ``image_dir`` into ``out`` (see the module docstring).
 
     ``classifier``/``segmenter``/``lung_model`` are loaded bundles. ``stop_after`` ends the run
     after that many newly finished images (used to test resuming). ``model_note`` is printed under
-    the report's summary (the demo states its classifier's held-out accuracy there).
+    the report's summary (the demo states its classifier's held-out accuracy there). ``max_pixels``:
+    larger images are refused (their failure row says so). DatasetError (nothing lost) when ``out``
+    cannot be claimed or a log cannot be written, e.g. on a full disk: rerun the same command.
     """
     image_dir, out = Path(image_dir), Path(out)
     identity = {
@@ -141,78 +167,117 @@ def run_pipeline(
         "lung_model": lung_model.checkpoint_sha256 if lung_model else None,
         "segment_all": segment_all,
     }
-    paths = check_run_inputs(image_dir, out, identity)
-    file_of = itemgetter("file")
-    done = set(_read_log(out / "results.jsonl", file_of)) | set(_read_log(out / "failures.jsonl", file_of))
-    todo = [p for p in paths if p.relative_to(image_dir).as_posix() not in done]
-    results, failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
-    heads = classifier.head_weights()
-    n_done = 0
-    failures = FailureLog()
-    logged_failures = 0
+    with claim_output(out, job="run"):
+        paths = check_run_inputs(image_dir, out, identity)
+        try:
+            job = _FolderRun(image_dir, out, classifier=classifier, segmenter=segmenter, lung_model=lung_model,
+                             segment_all=segment_all, stop_after=stop_after)
+            n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels)
+            rows, fails = job.final_logs()
+            _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
+            _write_csv(out / "failures.csv", ("file", "reason"), fails)
+            report = write_report(out, rows, fails, identity, model_note)
+        except OSError as err:
+            raise DatasetError(f"run stopped: {describe_os_error(err)}") from None
+    return RunResult(out, n_done, n_skipped, len(fails), report)
 
-    def write_batch(batch, analyses) -> None:
-        """Pictures, files and log lines of one analysed batch (on the writer thread, in input order)."""
-        nonlocal n_done
-        for j, (path, a) in enumerate(zip(batch.paths, analyses)):
-            rel = path.relative_to(image_dir).as_posix()
-            stem = Path(rel).with_suffix("")
-            images = result_images(a, batch.originals[j])
-            gradcam_png = out / "overlays" / f"{stem}.gradcam.png"
-            _atomic_png(gradcam_png, images["gradcam"])
-            row: dict[str, Any] = {
-                "file": rel,
-                "label": a.label,
-                **{f"p_{c}": p for c, p in a.probabilities.items()},
-                "confidence": a.confidence,
-                "refer": a.refer,
-                "refer_reason": a.refer_reason,
-                **a.stage2_fields(),
-                "gradcam_overlay": gradcam_png.relative_to(out).as_posix(),
-            }
-            if a.seg is not None:
-                mask_png, mask_overlay_png = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.mask.png"
-                _atomic_png(mask_png, images["mask"])
-                _atomic_png(mask_overlay_png, images["mask_overlay"])
-                row.update(mask=mask_png.relative_to(out).as_posix(),
-                           mask_overlay=mask_overlay_png.relative_to(out).as_posix())
-            results.append(row)
-            n_done += 1
-            if stop_after is not None and n_done >= stop_after:
-                raise _Stop
 
-    # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
-    # batch waits for it, so memory stays flat. Its errors (a full disk, say) surface at the next batch.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-    written: Future | None = None
-    try:
-        batches = stream_images(todo, size=classifier.image_size, batch_size=batch_size, mode=classifier.resize_mode,
-                                clahe=classifier.clahe, failures=failures, keep_original=True)
-        for batch in (progress(batches) if progress else batches):
-            for path, reason in failures.items[logged_failures:]:
-                failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
-            logged_failures = len(failures.items)
-            analyses = analyse_batch(batch.x, batch.originals, batch.geometries, classifier=classifier,
-                                     heads=heads, segmenter=segmenter, lung_model=lung_model, segment_all=segment_all)
+class _FolderRun:
+    """One invocation of `cxr run` on a claimed output folder: what is left to do, and its writer.
+
+    A failure to write one image's files becomes that image's failure row (``"stage": "write"``) and
+    the run goes on; such rows are retried by the next run, and dropped once the image succeeds.
+    """
+
+    def __init__(self, image_dir: Path, out: Path, *, classifier, segmenter, lung_model, segment_all: bool,
+                 stop_after: int | None) -> None:
+        self.image_dir, self.out = image_dir, out
+        self.models = dict(classifier=classifier, segmenter=segmenter, lung_model=lung_model, segment_all=segment_all)
+        self.stop_after = stop_after
+        self.n_done = 0
+
+    def run(self, paths: list[Path], *, batch_size: int, progress, max_pixels: int) -> tuple[int, int]:
+        """(images finished now, images finished by earlier runs)."""
+        out, clf = self.out, self.models["classifier"]
+        done = set(_read_log(out / "results.jsonl", itemgetter("file")))
+        done |= {f["file"] for f in _read_log(out / "failures.jsonl") if f.get("stage") != "write"}
+        todo = [p for p in paths if self._rel(p) not in done]
+        self.results, self.failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
+        heads = clf.head_weights()
+        failures, logged = FailureLog(), 0
+        # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
+        # batch waits for it, so memory stays flat. Its errors (a log it cannot write) surface at the next batch.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+        written: Future | None = None
+        try:
+            batches = stream_images(todo, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
+                                    clahe=clf.clahe, failures=failures, keep_original=True, max_pixels=max_pixels)
+            for batch in (progress(batches) if progress else batches):
+                logged = self._log_read_failures(failures, logged)
+                analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
+                if written is not None:
+                    written.result()
+                written = writer.submit(self._write_batch, batch, analyses)
             if written is not None:
                 written.result()
-            written = writer.submit(write_batch, batch, analyses)
-        if written is not None:
-            written.result()
-        for path, reason in failures.items[logged_failures:]:
-            failures_log.append({"file": Path(path).relative_to(image_dir).as_posix(), "reason": reason})
-    except _Stop:
-        pass
-    finally:
-        writer.shutdown(wait=True)
-        results.close()
-        failures_log.close()
-    rows = _read_log(out / "results.jsonl", _summary)
-    fails = _read_log(out / "failures.jsonl")
-    _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
-    _write_csv(out / "failures.csv", ("file", "reason"), fails)
-    report = write_report(out, rows, fails, identity, model_note)
-    return RunResult(out, n_done, len(paths) - len(todo), len(fails), report)
+            self._log_read_failures(failures, logged)
+        except _Stop:
+            pass
+        finally:
+            writer.shutdown(wait=True)
+            self.results.close()
+            self.failures_log.close()
+        return self.n_done, len(paths) - len(todo)
+
+    def final_logs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(results, failures) of every run into this folder: one row per file, the latest failure
+        of a file that has not succeeded since."""
+        rows = _read_log(self.out / "results.jsonl", _summary)
+        finished = {r["file"] for r in rows}
+        fails = {f["file"]: f for f in _read_log(self.out / "failures.jsonl") if f["file"] not in finished}
+        return rows, list(fails.values())
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.image_dir).as_posix()
+
+    def _log_read_failures(self, failures: FailureLog, logged: int) -> int:
+        for path, reason in failures.items[logged:]:
+            self.failures_log.append({"file": self._rel(Path(path)), "reason": reason})
+        return len(failures.items)
+
+    def _write_batch(self, batch, analyses) -> None:
+        """Pictures, files and log lines of one analysed batch (on the writer thread, in input order)."""
+        for path, analysis, original in zip(batch.paths, analyses, batch.originals):
+            rel = self._rel(path)
+            try:
+                row = {"file": rel, **self._write_pictures(rel, analysis, original)}
+            except OSError as err:
+                self.failures_log.append({"file": rel, "reason": describe_os_error(err), "stage": "write"})
+                continue
+            self.results.append(row)
+            self.n_done += 1
+            if self.stop_after is not None and self.n_done >= self.stop_after:
+                raise _Stop
+
+    def _write_pictures(self, rel: str, a: ImageAnalysis, original: np.ndarray) -> dict[str, Any]:
+        """Write one image's pictures (atomically) and return its result row without "file"."""
+        images = result_images(a, original)
+        names = {"gradcam_overlay": output_name(f"overlays/{rel}", ".gradcam.png")}
+        if a.seg is not None:
+            names.update(mask=output_name(f"masks/{rel}", ".png"),
+                         mask_overlay=output_name(f"overlays/{rel}", ".mask.png"))
+        pictures = {"gradcam_overlay": "gradcam", "mask": "mask", "mask_overlay": "mask_overlay"}
+        for field, name in names.items():
+            _atomic_png(self.out / name, images[pictures[field]])
+        return {
+            "label": a.label,
+            **{f"p_{c}": p for c, p in a.probabilities.items()},
+            "confidence": a.confidence,
+            "refer": a.refer,
+            "refer_reason": a.refer_reason,
+            **a.stage2_fields(),
+            **names,
+        }
 
 
 class _Stop(Exception):
@@ -310,10 +375,9 @@ def _segment(flagged: list[int], originals, segmenter, lung_model) -> dict[int, 
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        w = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in sorted(rows, key=lambda r: r["file"]):
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in sorted(rows, key=lambda r: r["file"]):
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    _write_text_atomic(path, text.getvalue())

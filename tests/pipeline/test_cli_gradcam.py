@@ -39,11 +39,11 @@ def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tre
     for name in ("coco_instances.json", "labelstudio_tasks.json", "labelstudio_config.xml",
                  "sagemaker_manifest.jsonl", "manifest.csv", "audit.json", "failures.csv"):
         assert (out / name).is_file(), name
-    maps = np.load(out / "maps" / "covid" / "covid_0.npz")
+    maps = np.load(out / "maps" / "covid" / "covid_0.png.npz")  # named with the input's extension
     assert set(maps.files) == {"ensemble", "densenet121", "efficientnetb0", "vgg19"}
     heat = maps["ensemble"]
     assert heat.shape == (80, 72) and heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
-    mask = (out / "masks" / "covid" / "covid_0.png")
+    mask = out / "masks" / "covid" / "covid_0.png.png"
     import cv2
     m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0
     np.testing.assert_array_equal(m, (heat >= 0.4) & _lung_box())  # threshold, restricted to the lung field
