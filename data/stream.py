@@ -18,8 +18,15 @@ import numpy as np
 
 from data import spec
 from data.datasets import FailureLog
-from data.io import ImageReadError, read_image
+from data.io import ImageReadError, peek_pixels, read_image
 from data.preprocess import Geometry, preprocess_image, to_rgb_float
+
+#: decoded bytes held per pixel: the file's array (up to 4 channels of uint16) and the float32 RGB
+#: original (12) when kept, or only the array and its resized copy
+BYTES_PER_PIXEL_ORIGINAL = 20
+BYTES_PER_PIXEL_DECODE = 10
+#: default bound on decoded images held at once by :func:`stream_images`
+DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 @dataclass
@@ -66,34 +73,52 @@ def stream_images(
     workers: int = 2,
     prefetch: int = 2,
     max_pixels: int = spec.DEFAULT_MAX_PIXELS,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects over ``paths`` in order; unreadable files go to ``failures``."""
+    """Yield :class:`Batch` objects over ``paths`` in order; unreadable files go to ``failures``.
+
+    ``memory_budget`` (bytes) bounds the decoded images held at once (decoding, waiting, and in
+    the batch being built), estimated from each header before its pixels are decoded: large
+    images are decoded fewer at a time and end a batch early. One image over the budget is still
+    decoded, alone (``max_pixels`` is the hard limit).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     failures = failures if failures is not None else FailureLog()
     paths = [Path(p) for p in paths]
+    per_pixel = BYTES_PER_PIXEL_ORIGINAL if keep_original else BYTES_PER_PIXEL_DECODE
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        pending: deque[tuple[int, Future]] = deque()
+        pending: deque[tuple[int, Future, int]] = deque()
         next_index = 0
         ahead = batch_size * (prefetch + 1)
+        held = 0  # estimated bytes of pending decodes and of the rows of the batch being built
 
-        def fill() -> None:
-            nonlocal next_index
+        def fill(rows_held: int) -> None:
+            nonlocal next_index, held
             while next_index < len(paths) and len(pending) < ahead:
                 i = next_index
-                pending.append((i, pool.submit(_load, paths[i], size, mode, clahe, keep_original, max_pixels)))
+                cost = min(peek_pixels(paths[i]) or 0, max_pixels) * per_pixel
+                if (pending or rows_held) and held + rows_held + cost > memory_budget:
+                    return
+                pending.append((i, pool.submit(_load, paths[i], size, mode, clahe, keep_original, max_pixels), cost))
+                held += cost
                 next_index += 1
 
-        fill()
+        fill(0)
         rows: list[tuple[int, Prepared]] = []
+        rows_cost = 0
         while pending:
-            i, fut = pending.popleft()
+            i, fut, cost = pending.popleft()
             try:
                 rows.append((i, fut.result()))
+                rows_cost += cost
             except ImageReadError as err:
                 failures.add(err.path, err.reason)
-            fill()
-            if len(rows) == batch_size or (not pending and rows):
+            held -= cost
+            full = len(rows) == batch_size or (rows and rows_cost >= memory_budget)
+            if not full:
+                fill(rows_cost)
+            if full or (not pending and rows):
                 yield Batch(
                     indices=[i for i, _ in rows],
                     paths=[paths[i] for i, _ in rows],
@@ -101,7 +126,8 @@ def stream_images(
                     geometries=[item.geometry for _, item in rows],
                     originals=[item.original for _, item in rows] if keep_original else None,
                 )
-                rows = []
+                rows, rows_cost = [], 0
+                fill(0)
 
 
 def pad_to_bucket(x: np.ndarray) -> tuple[np.ndarray, int]:

@@ -114,3 +114,41 @@ def test_read_mask_binarises(tmp_path: Path) -> None:
     p.write_bytes(png_bytes(m))
     out = read_mask(p)
     assert out.dtype == bool and out.sum() == 100
+
+
+def test_peek_pixels_reads_headers_only(tmp_path, bad_corpus):
+    from data.io import peek_pixels
+
+    (tmp_path / "a.png").write_bytes(png_bytes(xray_like(90, 80)))
+    assert peek_pixels(tmp_path / "a.png") == 90 * 80
+    assert peek_pixels(bad_corpus / "huge.png") == 30000 * 30000  # a bomb is sized, never decoded
+    assert peek_pixels(bad_corpus / "mono1.dcm") == 96 * 80
+    assert peek_pixels(bad_corpus / "text.png") is None and peek_pixels(tmp_path / "missing.png") is None
+
+
+def test_stream_keeps_decoded_images_within_the_memory_budget(tmp_path, monkeypatch):
+    from data import stream
+
+    sizes = [(200, 200), (40, 40), (40, 40), (200, 200), (40, 40), (40, 40), (40, 40), (40, 40)]
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(xray_like(h, w, seed=i)))
+    budget = 200 * 200 * stream.BYTES_PER_PIXEL_ORIGINAL  # one large image, or many small ones
+    held, peak = [0], [0]
+    real_load = stream._load
+
+    def counting_load(path, *args):
+        item = real_load(path, *args)
+        held[0] += item.original.nbytes
+        peak[0] = max(peak[0], held[0])
+        return item
+
+    monkeypatch.setattr(stream, "_load", counting_load)
+    seen = []
+    for batch in stream.stream_images(paths, size=32, batch_size=4, keep_original=True, memory_budget=budget):
+        seen += [int(p.stem) for p in batch.paths]
+        assert sum(o.nbytes for o in batch.originals) <= budget or len(batch.paths) == 1
+        held[0] -= sum(o.nbytes for o in batch.originals)
+    assert seen == list(range(len(sizes)))  # every image, in order, however the batches were cut
+    assert peak[0] < 2 * 200 * 200 * 12  # never two large originals decoded at once
