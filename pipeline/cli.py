@@ -235,7 +235,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Models and their sidecars are checked before any image is read.
     classifier, segmenter, lung = _load_models(args)
     res = run_pipeline(args.dir, args.out, classifier=classifier, segmenter=segmenter, lung_model=lung,
-                       segment_all=args.segment_all, batch_size=args.batch_size, progress=_progress("run"))
+                       segment_all=args.segment_all, batch_size=args.batch_size, progress=_progress("run"),
+                       max_pixels=args.max_pixels)
     print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
     print(f"report: {res.report}")
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
@@ -274,7 +275,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     classifier, segmenter, lung = _load_models(args)  # checked before the server starts
     settings = ServeSettings(max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_batch=args.max_batch,
-                             segment_all=args.segment_all)
+                             segment_all=args.segment_all, max_pixels=args.max_pixels,
+                             request_timeout_s=float(args.request_timeout),
+                             max_result_bytes=args.max_results_mb * 1024 * 1024)
     print(f"cxr serve: http://{args.host}:{args.port}/ (API docs at /docs). Research use only; not for diagnosis.")
     serve(classifier, segmenter, lung, host=args.host, port=args.port, settings=settings)
     return EXIT_OK
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--manifest", type=_existing_file, help="CSV with file,label[,patient_id][,source]")
     check.add_argument("--masks", type=_existing_dir, help="mask folder MASKDIR/<kind>/<image name>")
     check.add_argument("--splits", type=_existing_file, help="splits CSV to check for patient/duplicate leaks")
-    check.add_argument("--max-pixels", type=_positive_int, help="refuse images with more pixels (default 80M)")
+    _max_pixels_arg(check)
     check.add_argument("--json", help="also write the report as JSON to this file")
     check.set_defaults(func=_cmd_data_check)
 
@@ -468,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", required=True)
     rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
     rn.add_argument("--batch-size", type=_positive_int, default=8)
+    _max_pixels_arg(rn)
     _engine_arg(rn)
     rn.set_defaults(func=_cmd_run)
 
@@ -480,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=_positive_int, default=64, help="larger uploads get 413 (default 64)")
     sv.add_argument("--max-batch", type=_positive_int, default=8, help="concurrent requests analysed together")
     sv.add_argument("--segment-all", action="store_true", help="segment every upload, not only pneumonia/covid")
+    sv.add_argument("--request-timeout", type=_positive_int, default=60,
+                    help="seconds a client may take to send a request's headers and body (default 60; slower "
+                         "clients are disconnected)")
+    sv.add_argument("--max-results-mb", type=_positive_int, default=256,
+                    help="memory for finished results' pictures; the oldest go first (default 256)")
+    _max_pixels_arg(sv)
     _engine_arg(sv)
     sv.set_defaults(func=_cmd_serve)
 
@@ -505,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="run directory (default runs/<name>)")
     rp.set_defaults(func=_cmd_reproduce)
     return parser
+
+
+def _max_pixels_arg(p: argparse.ArgumentParser) -> None:
+    from data.spec import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels, judged from the header before decoding "
+                        f"(default {DEFAULT_MAX_PIXELS // 1_000_000}M)")
 
 
 def _engine_arg(p: argparse.ArgumentParser) -> None:

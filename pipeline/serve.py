@@ -10,7 +10,10 @@
 - Nothing from the client is used on disk: results (overlay and mask PNGs) live in memory
   under a 256-bit random token, expire after ``result_ttl_s`` and are capped in number.
 - DICOM patient tags are never read into the response (data.io decodes pixels only), and the
-  client's file name is not echoed.
+  client's file name is not echoed; error bodies never echo what the client sent.
+- Slow clients cannot hold the server: a connection must deliver a request's headers and body
+  within ``request_timeout_s`` or it is closed (:class:`DeadlineH11Protocol`); finished results are
+  bounded in count and in bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import HTMLResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from data import spec
@@ -51,6 +55,9 @@ class ServeSettings:
     segment_all: bool = False  # stage 2 on every image (audits), not only pneumonia/covid
     result_ttl_s: float = 3600.0
     max_results: int = 128  # results kept in memory; the oldest go first
+    max_result_bytes: int = 256 * 1024 * 1024  # and their PNGs together stay under this
+    max_pixels: int = spec.DEFAULT_MAX_PIXELS  # larger uploads get 422, judged from the header
+    request_timeout_s: float = 60.0  # headers and body must arrive within this (slow clients are cut off)
 
 
 class Busy(Exception):
@@ -127,21 +134,30 @@ class Engine:
 
 
 class ResultStore:
-    """In-memory PNGs per request under unguessable tokens; bounded in count and age."""
+    """In-memory PNGs per request under unguessable tokens; bounded in count, bytes and age."""
 
-    def __init__(self, *, ttl_s: float, max_items: int) -> None:
-        self.ttl_s, self.max_items = ttl_s, max_items
+    def __init__(self, *, ttl_s: float, max_items: int, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.ttl_s, self.max_items, self.max_bytes = ttl_s, max_items, max_bytes
         self._items: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
         self._lock = threading.Lock()
+        self.bytes = 0
 
     def put(self, files: dict[str, bytes]) -> str:
         token = secrets.token_urlsafe(32)  # 256 bits: ids cannot be guessed or enumerated
         with self._lock:
             self._expire()
             self._items[token] = (time.monotonic(), files)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self.bytes += _size(files)
+            while len(self._items) > self.max_items or (self.bytes > self.max_bytes and len(self._items) > 1):
+                self._drop_oldest()
         return token
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _drop_oldest(self) -> None:
+        _, (_, files) = self._items.popitem(last=False)
+        self.bytes -= _size(files)
 
     def get(self, token: str, name: str) -> bytes | None:
         with self._lock:
@@ -152,7 +168,11 @@ class ResultStore:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s
         while self._items and next(iter(self._items.values()))[0] < cutoff:
-            self._items.popitem(last=False)
+            self._drop_oldest()
+
+
+def _size(files: dict[str, bytes]) -> int:
+    return sum(len(b) for b in files.values())
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -189,7 +209,8 @@ class UploadRejected(Exception):
 def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSettings = ServeSettings()):
     """The FastAPI application (models already loaded and checked)."""
     engine = Engine(classifier, segmenter, lung_model, settings=settings)
-    store = ResultStore(ttl_s=settings.result_ttl_s, max_items=settings.max_results)
+    store = ResultStore(ttl_s=settings.result_ttl_s, max_items=settings.max_results,
+                        max_bytes=settings.max_result_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -224,8 +245,9 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
     async def predict(file: UploadFile = File(..., description="PNG, JPEG, BMP, TIFF or DICOM")) -> dict[str, Any]:
         data = await file.read()
         await file.close()
+        del file  # the bytes are all that is kept
         try:
-            image = await run_in_threadpool(check_upload, data)
+            image = await run_in_threadpool(check_upload, data, settings.max_pixels)
         except UploadRejected as err:
             raise HTTPException(err.status, err.reason) from None
         try:
@@ -256,6 +278,14 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             raise HTTPException(404, "no such result (results expire, and ids are per request)")
         return Response(body, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's default body echoes the client's input ("input": the whole upload, if sent as a
+        # plain form field); say where the request is wrong and what is expected, never what it held.
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in err.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
+
     @app.middleware("http")
     async def security_headers(request, call_next):
         response = await call_next(request)
@@ -278,5 +308,47 @@ def serve(classifier, segmenter, lung_model=None, *, host: str = "127.0.0.1", po
     """Run the server until interrupted (one process: the models are loaded once)."""
     import uvicorn
 
-    uvicorn.run(create_app(classifier, segmenter, lung_model, settings=settings), host=host, port=port,
-                log_level="info", workers=1)
+    app = create_app(classifier, segmenter, lung_model, settings=settings)
+    uvicorn.Server(uvicorn_config(app, settings, host=host, port=port, log_level="info")).run()
+
+
+def uvicorn_config(app, settings: ServeSettings, *, host: str, port: int, log_level: str = "warning"):
+    """The uvicorn configuration `cxr serve` runs with (one worker, the request deadline); tests and
+    benchmarks start the same server with it."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
+                          http=deadline_protocol(settings.request_timeout_s))
+
+
+def deadline_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline: from the connection (and after each response) a
+    client has ``timeout_s`` to send a whole request, headers and body, or the connection is
+    closed. uvicorn itself only times out idle keep-alive connections, so a client that never
+    finishes its headers or body would hold a connection for ever (slowloris)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(timeout_s, self._deadline_passed)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            if not self.transport.is_closing():
+                self._deadline = self.loop.call_later(timeout_s, self._deadline_passed)
+
+        def connection_lost(self, exc) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _deadline_passed(self) -> None:
+            # A request received in full is being answered (the analysis may queue): leave it be.
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) or self.transport.is_closing():
+                return
+            self.logger.info("closed a connection that did not send its request within %.0f s", timeout_s)
+            self.transport.close()
+
+    return DeadlineH11Protocol

@@ -110,10 +110,11 @@ def test_bad_corpus_gets_the_right_status(client, bad_corpus, name):
     if expect == "ok":
         assert r.status_code == 200, r.text
     else:
-        status = 415 if name == "text.png" else 422
+        status = 415 if expect == "not an image" else 422
         assert r.status_code == status, r.text
         assert expect in r.json()["detail"]
         assert name not in r.text  # the client's file name is never echoed
+        assert "\n" not in r.json()["detail"] and " at 0x" not in r.text  # one line, no object reprs
 
 
 def test_content_decides_not_the_name_or_declared_type(client):
@@ -181,12 +182,15 @@ def live_server(models):
 
     import uvicorn
 
+    from pipeline.serve import uvicorn_config
+
     clf, seg = models
-    app = create_app(clf, seg, settings=ServeSettings(segment_all=True))
+    settings = ServeSettings(segment_all=True, request_timeout_s=1.0)
+    app = create_app(clf, seg, settings=settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     import time
@@ -229,6 +233,66 @@ def test_upload_page_in_headless_chromium(live_server, tmp_path):
         page.wait_for_selector("#error:not([hidden])", timeout=30_000)
         assert "415" in page.inner_text("#error") and page.is_hidden("#result")
         browser.close()
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    import socket
+    import time
+
+    sock.settimeout(seconds)
+    t0 = time.monotonic()
+    try:
+        while sock.recv(4096):
+            pass
+    except (socket.timeout, TimeoutError):
+        return False
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0 < seconds
+
+
+def test_slow_clients_are_cut_off_at_the_deadline(live_server):
+    """A client that never finishes its headers or body is disconnected (request_timeout_s = 1 here);
+    a client that sends its request in time is answered even though its analysis takes longer."""
+    import socket
+
+    host, port = live_server.removeprefix("http://").split(":")
+    headers_only = socket.create_connection((host, int(port)))
+    headers_only.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")
+    body_stalled = socket.create_connection((host, int(port)))
+    body_stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n--b\r\n")
+    silent = socket.create_connection((host, int(port)))
+    try:
+        assert all(_closed_within(s, 5.0) for s in (headers_only, body_stalled, silent))
+    finally:
+        for s in (headers_only, body_stalled, silent):
+            s.close()
+    import httpx2 as httpx
+
+    r = httpx.post(live_server + "/v1/predict", files={"file": ("x.png", png_bytes(xray_like(96, 80, seed=9)))},
+                   timeout=60)
+    assert r.status_code == 200
+
+
+def test_validation_errors_never_echo_the_upload(client):
+    secret = "PATIENT-NAME-" + "A" * 4000
+    r = client.post("/v1/predict", data={"file": secret})  # sent as a plain form field, not a file
+    assert r.status_code == 422
+    assert "PATIENT-NAME" not in r.text and len(r.content) < 1000
+    assert r.json()["detail"][0]["loc"] == ["body", "file"]
+
+
+def test_result_store_is_bounded_in_bytes():
+    from pipeline import serve
+
+    store = serve.ResultStore(ttl_s=60, max_items=100, max_bytes=10)
+    a = store.put({"gradcam.png": b"123456"})
+    b = store.put({"gradcam.png": b"abcdef"})  # 12 bytes together: the oldest goes
+    assert store.get(a, "gradcam.png") is None and store.get(b, "gradcam.png") == b"abcdef"
+    assert len(store) == 1 and store.bytes == 6
+    c = store.put({"gradcam.png": b"x" * 50})  # larger than the budget alone: kept, the only one
+    assert store.get(c, "gradcam.png") and len(store) == 1 and store.bytes == 50
 
 
 def test_cli_serve_refuses_unusable_models_before_starting(tmp_path, light_bundle, capsys):
