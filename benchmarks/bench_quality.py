@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=("rf", "cnn", "ensemble", "infection", "lung"))
     for key in ("size", "epochs", "max_train", "seg_size", "seg_epochs", "lung_epochs", "seg_max_train", "cnn_epochs"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
+    ap.add_argument("--members", type=lambda s: tuple(s.split(",")), help="ensemble members, comma-separated")
     args = ap.parse_args(argv)
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
