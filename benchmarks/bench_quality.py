@@ -135,12 +135,13 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
                  seconds=seconds, images_seen=len(train) * epochs, n_boot=n_boot)
 
 
-def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: int, workdir: Path) -> list[dict]:
+def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: int, workdir: Path,
+                  overrides: dict | None = None) -> list[dict]:
     from ensemble.train import ClassifierSettings, train_classifier, with_preset
     from pipeline.classifier_jobs import classify_files
 
     settings = ClassifierSettings(**with_preset({"weights": "none", "members": members, "image_size": size,
-                                                 "epochs": epochs}))
+                                                 "epochs": epochs, **(overrides or {})}))
     t0 = time.perf_counter()
     res = train_classifier(settings, train, val, workdir / "classifier", verbose=0)
     seconds = time.perf_counter() - t0
@@ -225,7 +226,12 @@ def main(argv=None) -> int:
     for key in ("size", "epochs", "max_train", "seg_size", "seg_epochs", "lung_epochs", "seg_max_train", "cnn_epochs"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
     ap.add_argument("--members", type=lambda s: tuple(s.split(",")), help="ensemble members, comma-separated")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a classifier setting over the scratch preset, as TOML (e.g. learning_rate=3e-3, augment=false)")
     args = ap.parse_args(argv)
+    import tomllib
+
+    overrides = tomllib.loads("\n".join(args.overrides))
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
     if profile["max_train"] and len(train) > profile["max_train"]:
         rng = np.random.default_rng(0)
         train = [train[i] for i in sorted(rng.choice(len(train), profile["max_train"], replace=False))]
-    result = {"settings": {**profile, "members": list(profile["members"]), "data": [str(d) for d in args.data],
+    result = {"settings": {**profile, "members": list(profile["members"]), "overrides": overrides,
+                           "data": [str(d) for d in args.data],
                            "n_train": len(train), "n_val": len(val), "n_test": len(test),
                            "test_patients": len(set(patient_ids(test))), "keras": keras.__version__,
                            "backend": keras.backend.backend(), "cpus": os.cpu_count()},
@@ -265,7 +272,8 @@ def main(argv=None) -> int:
             ("cnn", lambda: [small_cnn(train, val, test, size=profile["size"], epochs=profile["cnn_epochs"],
                                        n_boot=args.bootstrap)]),
             ("ensemble", lambda: ensemble_rows(train, val, test, size=profile["size"], epochs=profile["epochs"],
-                                               members=profile["members"], n_boot=args.bootstrap, workdir=work)),
+                                               members=profile["members"], n_boot=args.bootstrap, workdir=work,
+                                               overrides=overrides)),
         ]
         for name, step in steps:
             if name in args.skip:
