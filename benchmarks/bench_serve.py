@@ -89,6 +89,9 @@ def main() -> int:
         return time.perf_counter() - t
 
     if args.soak:
+        from pipeline.serve import limit_malloc_arenas
+
+        print(f"glibc malloc arenas capped as in `cxr serve`: {limit_malloc_arenas()}")
         settings = ServeSettings(max_batch=8, max_queue=128, request_timeout_s=args.request_timeout,
                                  max_result_bytes=args.max_results_mb * 1024 * 1024)
         return soak(create_app(clf, seg, lung, settings=settings), settings, files, args, post)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -131,6 +132,8 @@ class Engine:
         self.batches.append(len(jobs))
         for j, a in zip(jobs, analyses):
             j.future.set_result((a, j.prepared.original))
+        del jobs, analyses
+        release_free_memory()  # decoded uploads are large and short-lived: keep RSS flat (bench_serve --soak)
 
 
 class ResultStore:
@@ -308,8 +311,42 @@ def serve(classifier, segmenter, lung_model=None, *, host: str = "127.0.0.1", po
     """Run the server until interrupted (one process: the models are loaded once)."""
     import uvicorn
 
+    limit_malloc_arenas()
     app = create_app(classifier, segmenter, lung_model, settings=settings)
     uvicorn.Server(uvicorn_config(app, settings, host=host, port=port, log_level="info")).run()
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` sets) for the server process.
+
+    Uploads are decoded and results drawn on Starlette's thread pool; with glibc's default of up to
+    8 arenas per core, freed image buffers stay spread over many arenas and the process grew by
+    ~15-30 MB per 60 uploads with the result store full (benchmarks/bench_serve.py --soak). The
+    engine also hands freed memory back after each batch (:func:`release_free_memory`). Returns
+    False where this is not glibc (macOS, musl): nothing done.
+    """
+    return bool(_LIBC is not None and _LIBC.mallopt(-8, int(arenas)))  # -8: M_ARENA_MAX in malloc.h
+
+
+def release_free_memory() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the system (no-op elsewhere)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def uvicorn_config(app, settings: ServeSettings, *, host: str, port: int, log_level: str = "warning"):
