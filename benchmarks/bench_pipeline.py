@@ -179,7 +179,7 @@ def main() -> int:
             si, sgeo = preprocess_image(image, size=args.seg_size)
             prob = keras_seg.model.predict(si[None], verbose=0)[0, ..., 0]
             original = to_rgb_float(image)
-            overlay(original, np.clip(geo.to_original(heat), 0, 1))
+            overlay(original, geo.map_to_original(heat))
             mask_overlay(original, sgeo.to_original(prob) > 0.5)
 
     res["naive_img_s"] = rate(naive, len(files), repeats=1)

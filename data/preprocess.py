@@ -36,6 +36,13 @@ class Geometry:
         crop = square[self.top : self.top + self.content_h, self.left : self.left + self.content_w]
         return _resize(crop, self.orig_h, self.orig_w, interpolation)
 
+    def map_to_original(self, square: np.ndarray) -> np.ndarray:
+        """A (size, size) map in [0, 1] (heatmap, probabilities) → float32 (orig_h, orig_w) in [0, 1],
+        clipped in place (linear interpolation can overshoot; a second full-size array would cost
+        orig_h·orig_w·4 bytes more)."""
+        out = np.asarray(self.to_original(square), dtype=np.float32)
+        return np.clip(out, 0.0, 1.0, out=out)
+
 
 def to_rgb_float(image: np.ndarray) -> np.ndarray:
     """Any (H, W), (H, W, 1|3|4) bool/uint8/uint16/float image → float32 (H, W, 3) in [0, 255].
@@ -97,8 +104,13 @@ def preprocess_image(
     mode: str = "stretch",
     clahe: bool = False,
 ) -> tuple[np.ndarray, Geometry]:
-    """Decoded image → (float32 (size, size, 3) in [0, 255], Geometry)."""
-    rgb = to_rgb_float(image)
+    """Decoded image → (float32 (size, size, 3) in [0, 255], Geometry).
+
+    An image already in the pixel contract (float32 (H, W, 3), e.g. the originals that `cxr run`
+    keeps) is read as it is, not copied: stage 2 preprocesses full-size originals twice per image.
+    """
+    arr = np.asarray(image)
+    rgb = arr if arr.dtype == np.float32 and arr.ndim == 3 and arr.shape[2] == 3 else to_rgb_float(arr)
     if clahe:
         rgb = apply_clahe(rgb)
     geo = fit_geometry(rgb.shape[0], rgb.shape[1], size, mode)

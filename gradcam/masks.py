@@ -48,20 +48,33 @@ def colorize(heatmap: np.ndarray) -> np.ndarray:
     return cv2.applyColorMap(u8, cv2.COLORMAP_JET)[..., ::-1].copy()
 
 
+#: rows blended at a time: full-size float temporaries of an 80-Mpx X-ray would take gigabytes
+_ROWS = 512
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blend a coloured heatmap onto an (H, W, 3) float [0, 255] image → uint8 RGB."""
-    base = np.clip(np.asarray(image, dtype=np.float32), 0, 255)
-    heat = colorize(heatmap).astype(np.float32)
-    weight = alpha * np.asarray(heatmap, dtype=np.float32)[..., None]  # cold areas keep the X-ray
-    return np.clip(base * (1 - weight) + heat * weight, 0, 255).round().astype(np.uint8)
+    """Blend a coloured heatmap onto an (H, W, 3) float [0, 255] image → uint8 RGB (in row blocks,
+    so the temporaries stay small whatever the image size)."""
+    out = np.empty(np.shape(image)[:2] + (3,), np.uint8)
+    for r in range(0, out.shape[0], _ROWS):
+        rows = slice(r, r + _ROWS)
+        base = np.clip(np.asarray(image[rows], dtype=np.float32), 0, 255)
+        heat = colorize(heatmap[rows]).astype(np.float32)
+        weight = alpha * np.asarray(heatmap[rows], dtype=np.float32)[..., None]  # cold areas keep the X-ray
+        out[rows] = np.clip(base * (1 - weight) + heat * weight, 0, 255).round().astype(np.uint8)
+    return out
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0), alpha: float = 0.45) -> np.ndarray:
     """Tint ``mask`` pixels of an (H, W, 3) float [0, 255] image and draw its outline → uint8 RGB."""
-    out = np.clip(np.asarray(image, dtype=np.float32), 0, 255).copy()
     m = np.asarray(mask, dtype=bool)
-    out[m] = out[m] * (1 - alpha) + np.asarray(colour, np.float32) * alpha
-    out = out.round().astype(np.uint8)
+    out = np.empty(m.shape + (3,), np.uint8)
+    tint = np.asarray(colour, np.float32) * alpha
+    for r in range(0, out.shape[0], _ROWS):
+        rows = slice(r, r + _ROWS)
+        block = np.clip(np.asarray(image[rows], dtype=np.float32), 0, 255)
+        block[m[rows]] = block[m[rows]] * (1 - alpha) + tint
+        out[rows] = block.round().astype(np.uint8)
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
     return out

@@ -112,8 +112,8 @@ def gradcam_job(
                 name = rel.as_posix()
                 label = spec.CLASS_NAMES[int(cls[j])]
                 score = float(pred.probs[j, cls[j]])
-                per_image = {"ensemble": np.clip(geo.to_original(fused[j]), 0.0, 1.0)}
-                per_image.update({m: np.clip(geo.to_original(maps[m][j]), 0.0, 1.0) for m in chosen})
+                per_image = {"ensemble": geo.map_to_original(fused[j])}
+                per_image.update({m: geo.map_to_original(maps[m][j]) for m in chosen})
                 lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
                 lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
                 map_path = out / output_name(f"maps/{name}", ".npz")

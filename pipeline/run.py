@@ -348,7 +348,7 @@ def analyse_batch(x: np.ndarray, originals, geometries, *, classifier, segmenter
                                size=classifier.image_size)
     flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
     seg_out = _segment(flagged, originals, segmenter, lung_model)
-    return [ImageAnalysis(pred.probs[j], np.clip(geometries[j].to_original(fused[j]), 0.0, 1.0), seg_out.get(j),
+    return [ImageAnalysis(pred.probs[j], geometries[j].map_to_original(fused[j]), seg_out.get(j),
                           *decisions[j])
             for j in range(len(x))]
 
@@ -366,10 +366,10 @@ def _segment(flagged: list[int], originals, segmenter, lung_model) -> dict[int, 
     if lung_model is not None:
         lx, lgeos = zip(*[preprocess_image(originals[j], size=lung_model.image_size, mode=lung_model.resize_mode,
                                            clahe=lung_model.clahe) for j in flagged])
-        lungs = [np.clip(g.to_original(p), 0, 1) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
+        lungs = [g.map_to_original(p) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
     out = {}
     for k, j in enumerate(flagged):
-        prob = np.clip(geos[k].to_original(probs[k]), 0.0, 1.0)
+        prob = geos[k].map_to_original(probs[k])
         out[j] = segment_image(prob, segmenter, lungs[k] if lungs is not None else None)
     return out
 

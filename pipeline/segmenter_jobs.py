@@ -95,7 +95,7 @@ def probability_maps(segmenter, paths: Sequence[Path], *, batch_size: int = 4, p
 
 
 def _to_original(prob: np.ndarray, geo: Geometry) -> np.ndarray:
-    return np.clip(geo.to_original(prob), 0.0, 1.0)
+    return geo.map_to_original(prob)
 
 
 def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,

@@ -78,3 +78,25 @@ def test_closed_form_equals_autograd_on_every_member(trained_bundle, method):
     maps, fused = member_heatmaps(pred.features, heads, cls, member_weights=clf.member_weights, size=64, method=method)
     assert set(maps) == set(clf.members) and fused.shape == (3, 64, 64)
     assert fused.min() >= 0.0 and fused.max() <= 1.0 and not np.isnan(fused).any()
+
+
+def test_overlays_in_row_blocks_equal_the_whole_image_formula():
+    """overlay/mask_overlay blend in blocks of rows (memory); the result is the plain formula's."""
+    import cv2
+
+    from gradcam import masks
+
+    rng = np.random.default_rng(0)
+    h, w = masks._ROWS * 2 + 37, 50  # more than two blocks, the last one short
+    image = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
+    heat = rng.uniform(0, 1, (h, w)).astype(np.float32)
+    weight = 0.4 * heat[..., None]
+    expected = np.clip(image * (1 - weight) + masks.colorize(heat).astype(np.float32) * weight, 0, 255)
+    np.testing.assert_array_equal(masks.overlay(image, heat), expected.round().astype(np.uint8))
+    mask = heat > 0.7
+    tinted = image.copy()
+    tinted[mask] = tinted[mask] * (1 - 0.45) + np.float32(255 * 0.45) * np.array([1, 0, 0], np.float32)
+    expected = tinted.round().astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(expected, contours, -1, (255, 0, 0), 1)
+    np.testing.assert_array_equal(masks.mask_overlay(image, mask), expected)
