@@ -174,3 +174,18 @@ def _take(items: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
         if i >= n:
             return
         yield item
+
+
+def fit_streamed(model, train, **kwargs):
+    """``model.fit(train, **kwargs)`` on a stream of unknown length (data.datasets.make_dataset: files
+    that fail to decode are dropped while streaming, so tf.data cannot know the number of batches).
+
+    Keras then ends the first epoch by running out of data and warns "Your input ran out of data;
+    interrupting training" although every epoch runs in full (the training logs show them); that
+    one warning is silenced here, for this call only. Returns the History.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+        return model.fit(train, **kwargs)

@@ -21,8 +21,8 @@ from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.tf_setup import configure_graph_training
-from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm,
-                           set_bn_momentum, steps_per_epoch, write_history_csv)
+from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, fit_streamed,
+                           reestimate_batchnorm, set_bn_momentum, steps_per_epoch, write_history_csv)
 from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
@@ -268,7 +268,8 @@ def train_classifier(
                                           reduce_lr_patience=settings.reduce_lr_patience,
                                           reduce_lr_factor=settings.reduce_lr_factor)
         t0 = time.perf_counter()
-        hist = trainer.fit(
+        hist = fit_streamed(
+            trainer,
             _with_targets(train_ds, outputs, cw_vec),
             validation_data=_with_targets(val_ds, outputs, np.ones_like(cw_vec)),
             epochs=settings.epochs,

@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         "explain (Grad-CAM) and segment. Research use only, not for diagnosis.",
     )
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's start-up lines and log notices (hidden by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect and split data folders")
@@ -546,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # No command, or a group without its subcommand: show that level's help.
         getattr(args, "help_parser", parser).print_help(sys.stderr)
         return EXIT_USAGE
+    from pipeline.console import quiet_start
+
+    quiet_start(args.verbose)
     from data.bundle import BundleError
     from data.datasets import DatasetError
     from pipeline.config import ConfigError

@@ -23,8 +23,8 @@ from data.datasets import FailureLog, Record, make_dataset
 from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from data.tf_setup import configure_graph_training
-from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, reestimate_batchnorm,
-                           set_bn_momentum, steps_per_epoch)
+from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, fit_streamed,
+                           reestimate_batchnorm, set_bn_momentum, steps_per_epoch)
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
@@ -261,8 +261,8 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     callbacks, ckpt = build_callbacks(out_dir, schedule=settings.lr_schedule,
                                       early_stopping_patience=settings.early_stopping_patience,
                                       reduce_lr_patience=settings.reduce_lr_patience, reduce_lr_factor=0.5)
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks, shuffle=False,
-                     verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
+    hist = fit_streamed(model, train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks,
+                        shuffle=False, verbose=verbose if verbose is not None else (1 if sys.stderr.isatty() else 2))
     if ckpt.is_file():
         model.load_weights(ckpt)
     plain = make_dataset(train, shuffle=True, **common)  # no augmentation

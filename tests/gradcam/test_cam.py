@@ -46,7 +46,8 @@ def test_golden_one_conv_model(method):
 def test_normalise_all_zero_and_negative():
     out = normalise_maps(np.stack([np.zeros((3, 3)), -np.ones((3, 3)), np.eye(3) * 4]))
     assert not np.isnan(out).any()
-    np.testing.assert_array_equal(out[0], 0) and np.testing.assert_array_equal(out[1], 0)
+    np.testing.assert_array_equal(out[0], 0)  # was joined to the next check by `and` after a None: it never ran
+    np.testing.assert_array_equal(out[1], 0)
     np.testing.assert_allclose(out[2], np.eye(3))
 
 
