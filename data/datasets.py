@@ -219,7 +219,7 @@ def load_example(
     record: Record,
     *,
     size: int,
-    mode: str = "stretch",
+    mode: str = spec.DEFAULT_RESIZE_MODE,
     clahe: bool = False,
     mask_kind: str | tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -285,7 +285,7 @@ def make_dataset(
     *,
     size: int,
     batch_size: int,
-    mode: str = "stretch",
+    mode: str = spec.DEFAULT_RESIZE_MODE,
     clahe: bool = False,
     shuffle: bool = False,
     augment_params: AugmentParams | None = None,

@@ -101,7 +101,7 @@ def preprocess_image(
     image: np.ndarray,
     *,
     size: int = spec.DEFAULT_IMAGE_SIZE,
-    mode: str = "stretch",
+    mode: str = spec.DEFAULT_RESIZE_MODE,
     clahe: bool = False,
 ) -> tuple[np.ndarray, Geometry]:
     """Decoded image → (float32 (size, size, 3) in [0, 255], Geometry).

@@ -27,6 +27,9 @@ PIXEL_MAX: Final[float] = 255.0
 #: Resize modes: "stretch" resizes to the square, "pad" keeps the aspect ratio
 #: and pads with black (letterbox).
 RESIZE_MODES: Final[tuple[str, ...]] = ("stretch", "pad")
+DEFAULT_RESIZE_MODE: Final[str] = RESIZE_MODES[0]
+#: connected components smaller than this (pixels at the segmenter's input size) are not lesions
+DEFAULT_MIN_LESION_AREA: Final[int] = 16
 
 #: Raster formats decoded by Pillow, by lower-case file suffix.
 RASTER_SUFFIXES: Final[frozenset[str]] = frozenset(

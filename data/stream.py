@@ -49,7 +49,7 @@ class Prepared:
     original: np.ndarray | None  # float32 (H, W, 3) in [0, 255] at the file's size
 
 
-def prepare_image(image: np.ndarray, *, size: int, mode: str = "stretch", clahe: bool = False,
+def prepare_image(image: np.ndarray, *, size: int, mode: str = spec.DEFAULT_RESIZE_MODE, clahe: bool = False,
                   keep_original: bool = True) -> Prepared:
     """A decoded image (data.io array) → :class:`Prepared` (used by the stream and by `cxr serve`)."""
     x, geo = preprocess_image(image, size=size, mode=mode, clahe=clahe)
@@ -66,7 +66,7 @@ def stream_images(
     *,
     size: int,
     batch_size: int = 8,
-    mode: str = "stretch",
+    mode: str = spec.DEFAULT_RESIZE_MODE,
     clahe: bool = False,
     failures: FailureLog | None = None,
     keep_original: bool = False,

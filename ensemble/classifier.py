@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data import spec
-from data.bundle import BundleError, load_bundle, save_bundle
+from data.bundle import SIDECAR, BundleError, load_bundle, save_bundle
 from data.export import EngineChoice
 from data.stream import pad_to_bucket
 from ensemble import ensemble as _ensemble  # noqa: F401  (registers the custom layers for loading)
@@ -63,7 +63,7 @@ class Classifier(EngineChoice):
 
     @property
     def resize_mode(self) -> str:
-        return self.sidecar["meta"].get("resize_mode", "stretch")
+        return self.sidecar["meta"].get("resize_mode", spec.DEFAULT_RESIZE_MODE)
 
     @property
     def clahe(self) -> bool:
@@ -116,7 +116,7 @@ class Classifier(EngineChoice):
 
 def save_classifier(model, directory: str | os.PathLike[str], *, members, variant: str, image_size: int,
                     config: dict[str, Any], temperature: float = 1.0, member_weights=None,
-                    resize_mode: str = "stretch", clahe: bool = False, weight_files: dict[str, str] | None = None,
+                    resize_mode: str = spec.DEFAULT_RESIZE_MODE, clahe: bool = False, weight_files: dict[str, str] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
     """Save a trained ensemble as a classifier bundle; returns the sidecar path.
 
@@ -143,7 +143,7 @@ def load_classifier(directory: str | os.PathLike[str]) -> Classifier:
     meta = side.get("meta", {})
     for key in ("members", "variant"):
         if key not in meta:
-            raise BundleError(f"{Path(directory) / 'model.json'}: meta.{key} missing")
+            raise BundleError(f"{Path(directory) / SIDECAR}: meta.{key} missing")
     names = set(model.output.keys()) if isinstance(model.output, dict) else set()
     expected = {"probs", *[f"{m}_features" for m in meta["members"]]}
     if not expected <= names:

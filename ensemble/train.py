@@ -73,7 +73,7 @@ class ClassifierSettings:
     variant: str = "softvote"
     member_weights: tuple[float, ...] | None = None
     image_size: int = spec.DEFAULT_IMAGE_SIZE
-    resize_mode: str = "stretch"
+    resize_mode: str = spec.DEFAULT_RESIZE_MODE
     clahe: bool = False
     weights: str | None = "imagenet"
     freeze_fraction: float = 0.3

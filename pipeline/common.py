@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.bundle import git_revision, package_versions
+from data.bundle import SIDECAR, git_revision, package_versions
 from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.splits import assign_splits, find_leaks, group_records, hash_records, read_splits, write_splits
 
 
-def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = "model.json") -> Path:
+def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = SIDECAR) -> Path:
     """Create ``out`` unless it already holds a finished result (never overwritten)."""
     out = Path(out)
     if (out / marker).exists():

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.bundle import SIDECAR
 from data.datasets import SAMPLE_MASKS_DIR, SAMPLES_DIR, load_records, pair_masks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,7 +88,7 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
                                      SEGMENTER_IMAGES]).encode()).hexdigest()[:12]
     models = (cache or default_cache()) / f"demo-{key}"
     trained = False
-    if not all((models / m / "model.json").is_file() for m in ("classifier", "lesion", "lung", "held_out")):
+    if not all((models / m / SIDECAR).is_file() for m in ("classifier", "lesion", "lung", "held_out")):
         shutil.rmtree(models, ignore_errors=True)  # a half-trained cache from an interrupted demo
         models.mkdir(parents=True)
         train_classifier_job(_stratified(records, CLASSIFIER_IMAGES) if real else records, models / "classifier",

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from data.bundle import BundleError
+from data.bundle import SIDECAR, BundleError
 
 
 FORMATS = ("onnx", "onnx-int8", "savedmodel")
@@ -24,7 +24,7 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
     import json
 
     directory = Path(directory)
-    sidecar = directory / "model.json"
+    sidecar = directory / SIDECAR
     if not sidecar.is_file():
         raise BundleError(f"{sidecar}: missing; {directory} is not a model directory saved by cxr")
     kind = json.loads(sidecar.read_text(encoding="utf-8")).get("kind")

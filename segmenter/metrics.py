@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from data import spec
+
 
 def confusion(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
     """(TP, FP, FN) pixel counts of two binary masks."""
@@ -67,7 +69,7 @@ class Lesion:
     score: float
 
 
-def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = 16, lung: np.ndarray | None = None) -> list[Lesion]:
+def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA, lung: np.ndarray | None = None) -> list[Lesion]:
     """Threshold a probability map, drop components under ``min_area`` px, describe the rest (largest first)."""
     p = np.asarray(prob, np.float32)
     mask = (p >= threshold).astype(np.uint8)
@@ -83,7 +85,7 @@ def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = 16, lun
     return sorted(out, key=lambda les: (-les.area_px, les.box))
 
 
-def clean_mask(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = 16) -> np.ndarray:
+def clean_mask(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA) -> np.ndarray:
     """``prob ≥ threshold`` without the 8-connected components smaller than ``min_area`` px."""
     mask = (np.asarray(prob) >= threshold).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)

@@ -18,7 +18,7 @@ from keras import ops
 
 from data import spec
 from data.augment import AugmentParams
-from data.bundle import BundleError, load_bundle, save_bundle
+from data.bundle import SIDECAR, BundleError, load_bundle, save_bundle
 from data.datasets import FailureLog, Record, make_dataset
 from data.export import EngineChoice
 from data.stream import pad_to_bucket
@@ -74,7 +74,7 @@ class SegmenterSettings:
     arch: str = "unet-densenet121"
     kind: str = "infection"
     image_size: int = 256
-    resize_mode: str = "stretch"
+    resize_mode: str = spec.DEFAULT_RESIZE_MODE
     clahe: bool = False
     weights: str | None = "imagenet"  # encoder initialisation (U-Net only)
     freeze_encoder: bool = False
@@ -88,7 +88,7 @@ class SegmenterSettings:
     early_stopping_patience: int = 10
     reduce_lr_patience: int = 4
     threshold: float = 0.5
-    min_lesion_area: int = 16
+    min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
     seed: int = 0
     run_eagerly: bool = False
     preset: str = "paper"
@@ -170,11 +170,11 @@ class Segmenter(EngineChoice):
 
     @property
     def min_lesion_area(self) -> int:
-        return int(self.meta.get("min_lesion_area", 16))
+        return int(self.meta.get("min_lesion_area", spec.DEFAULT_MIN_LESION_AREA))
 
     @property
     def resize_mode(self) -> str:
-        return self.meta.get("resize_mode", "stretch")
+        return self.meta.get("resize_mode", spec.DEFAULT_RESIZE_MODE)
 
     @property
     def clahe(self) -> bool:
@@ -208,7 +208,7 @@ def load_segmenter(directory) -> Segmenter:
     model, side = load_bundle(directory, kind=KIND)
     for key in ("arch", "kind", "threshold"):
         if key not in side.get("meta", {}):
-            raise BundleError(f"{Path(directory) / 'model.json'}: meta.{key} missing")
+            raise BundleError(f"{Path(directory) / SIDECAR}: meta.{key} missing")
     return Segmenter(model, side, Path(directory))
 
 
