@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data import spec
+from data.errors import CxrError
 
 SIDECAR = "model.json"
 MODEL_FILE = "model.keras"
@@ -25,7 +26,7 @@ FORMAT = "cxr-model"
 FORMAT_VERSION = 2  # 2: sidecar_hash covers every field; 1 (config_hash only) is still read
 
 
-class BundleError(Exception):
+class BundleError(CxrError):
     """A model directory that cannot be used; the message names the file and the fix."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from data import spec
 from data.augment import AugmentParams, augment
+from data.errors import CxrError
 from data.io import ImageReadError, read_image, read_mask
 from data.preprocess import preprocess_image, preprocess_mask
 
@@ -29,7 +30,7 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 SAMPLE_MASKS_DIR = Path(__file__).resolve().parent / "sample_masks"
 
 
-class DatasetError(Exception):
+class DatasetError(CxrError):
     """A data folder, manifest or split file that cannot be used; the message names it and the fix."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data import spec
+from data.errors import CxrError
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -25,7 +26,7 @@ _BMP_MAGIC = b"BM"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
 
 
-class ImageReadError(Exception):
+class ImageReadError(CxrError):
     """A file that cannot be used as an image; ``str()`` is ``"<path>: <reason>"``."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:

@@ -14,8 +14,10 @@ from typing import Callable
 
 import keras
 
+from data.errors import CxrError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(CxrError, RuntimeError):
     """Initial weights that cannot be found or loaded; the message says what to do."""
 
 

@@ -18,13 +18,14 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from data.datasets import walk_images
+from data.errors import CxrError
 from data.io import ImageReadError, read_image
 from gradcam.brush_rle import rle_to_mask
 
 FORMATS = ("cvat", "labelstudio", "sagemaker")
 
 
-class AnnotationError(Exception):
+class AnnotationError(CxrError):
     """An export file that cannot be read at all; names the file and the reason."""
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from data.errors import CxrError
 from data.export import ENGINES
 from pipeline import __version__
 from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT, FORMATS
@@ -19,7 +20,7 @@ from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT, FORMATS
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(CxrError):
     """Bad arguments or unusable inputs: printed without a traceback, exit 2."""
 
 
@@ -551,26 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.console import quiet_start
 
     quiet_start(args.verbose)
-    from data.bundle import BundleError
-    from data.datasets import DatasetError
-    from pipeline.config import ConfigError
-
-    user_errors: tuple[type[Exception], ...] = (UsageError, DatasetError, BundleError, ConfigError)
-    if args.command == "import-masks":
-        from gradcam.imports import AnnotationError
-
-        user_errors += (AnnotationError,)
-    if args.command in ("run", "serve", "export"):
-        from data.export import ExportError
-
-        user_errors += (ExportError,)
-    if args.command in ("train-classifier", "train-segmenter", "reproduce", "demo"):
-        from data.weights import WeightsError
-
-        user_errors += (WeightsError,)
     try:
         return func(args)
-    except user_errors as err:
+    except CxrError as err:
         print(f"cxr: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

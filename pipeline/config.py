@@ -14,10 +14,12 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from data.errors import CxrError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CxrError, ValueError):
     """A configuration file or value that cannot be used; names the file and key."""
 
 

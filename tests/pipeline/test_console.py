@@ -32,3 +32,19 @@ def test_the_keras_warning_about_streams_of_unknown_length_is_silenced_for_fit_o
         warnings.simplefilter("always")
         assert fit_streamed(Model(), None) == "history"
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_every_user_error_shares_one_base_that_the_cli_catches():
+    from data.bundle import BundleError
+    from data.datasets import DatasetError
+    from data.errors import CxrError
+    from data.export import ExportError
+    from data.io import ImageReadError
+    from data.weights import WeightsError
+    from gradcam.imports import AnnotationError
+    from pipeline.cli import UsageError
+    from pipeline.config import ConfigError
+
+    for cls in (BundleError, DatasetError, ExportError, ImageReadError, WeightsError, AnnotationError, UsageError,
+                ConfigError):
+        assert issubclass(cls, CxrError), cls

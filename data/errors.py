@@ -1,0 +1,12 @@
+"""The one base of the errors a user can act on (shared/STYLE.md §7).
+
+Every error that names a file or setting and its fix derives from :class:`CxrError`, so the
+command line catches one class (exit 2, the message without a traceback) and Python callers can
+too. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """An input, setting, model or environment problem; ``str()`` names what and how to fix it."""
