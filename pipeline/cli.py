@@ -557,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CxrError as err:
         print(f"cxr: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:  # a full disk or a folder that cannot be written, met outside the per-file paths
+        if args.verbose:
+            raise
+        from pipeline.outputs import describe_os_error
+
+        print(f"cxr: error: {describe_os_error(err)} (cxr -v shows where)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -168,8 +168,8 @@ def run_pipeline(
         "segment_all": segment_all,
     }
     with claim_output(out, job="run"):
-        paths = check_run_inputs(image_dir, out, identity)
         try:
+            paths = check_run_inputs(image_dir, out, identity)
             job = _FolderRun(image_dir, out, classifier=classifier, segmenter=segmenter, lung_model=lung_model,
                              segment_all=segment_all, stop_after=stop_after)
             n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels)

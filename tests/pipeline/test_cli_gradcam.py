@@ -75,3 +75,17 @@ def test_gradcam_bad_arguments(trained_bundle, tiny_tree, tmp_path, capsys, extr
     model, _ = trained_bundle
     assert main(["gradcam", str(tiny_tree), "--model", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_tree, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from pipeline import gradcam_jobs
+
+    def full(path, rgb):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gradcam_jobs, "_png", full)
+    assert main(["gradcam", str(tiny_tree), "--model", str(light_bundle), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "Traceback" not in err
