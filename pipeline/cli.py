@@ -551,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from pipeline.console import quiet_start
 
-    quiet_start(args.verbose)
+    quiet_start(args.verbose, needs_models=args.command != "data")
     try:
         return func(args)
     except CxrError as err:

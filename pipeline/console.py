@@ -50,12 +50,15 @@ def native_stderr_filtered(noise: re.Pattern[str] = START_UP_NOISE) -> Iterator[
                 sys.stderr.flush()
 
 
-def quiet_start(verbose: bool) -> None:
+def quiet_start(verbose: bool, *, needs_models: bool = True) -> None:
     """Import Keras (TensorFlow with it) quietly unless ``verbose``; TensorFlow's own INFO and
-    WARNING logs then stay off too (errors still show)."""
+    WARNING logs then stay off too (errors still show). Commands that load no model
+    (``needs_models`` False) do not pay for the import."""
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not needs_models:
+        return
     with native_stderr_filtered():
         import keras  # noqa: F401  (loads the backend, whose start-up lines are filtered)
     if "tensorflow" in sys.modules:
