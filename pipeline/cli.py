@@ -1,4 +1,6 @@
-"""`cxr` command line: argument parsing and printing only; the work is in pipeline.api.
+"""`cxr` command line: argument parsing and printing; the work is in pipeline's job modules
+(api, run, serve, gradcam_jobs, classifier_jobs, segmenter_jobs, ...). Making pipeline.api the one
+façade for every command is open work (issue "One house").
 
 Exit codes: 0 everything succeeded, 1 some inputs failed (listed), 2 bad usage or
 unusable inputs (nothing was processed).
