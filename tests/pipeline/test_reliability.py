@@ -155,9 +155,13 @@ def test_resumed_run_equals_uninterrupted(corpus, full_run, loaded, light_bundle
     clf, seg = loaded
     res = run_pipeline(folder, part, classifier=clf, segmenter=seg, batch_size=4, stop_after=5, segment_all=True)
     assert res.n_done == 5
+    with (part / "results.jsonl").open("ab") as handle:
+        handle.write(b'{"file": "torn')  # a line half-written when the process was killed
     assert _run(folder, part, light_bundle, seg_model) == 1
     for name in ("results.csv", "failures.csv"):
         assert (part / name).read_text(encoding="utf-8") == (full / name).read_text(encoding="utf-8")
+    lines = (part / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(_rows(full / "results.csv"))  # no duplicate, no torn row
 
 
 def test_out_inside_the_input_folder_is_never_read(light_bundle, seg_model, tmp_path):

@@ -1,4 +1,5 @@
-"""`cxr run`: a mixed folder end to end, resume after interruption, and refusing a foreign OUT."""
+"""`cxr run`: a mixed folder end to end and refusing a foreign OUT (resuming, collisions, locks and
+write failures: test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -73,28 +74,6 @@ def test_run_on_mixed_folder(mixed_folder, light_bundle, seg_model, tmp_path):
     refs = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"href='([^']+)'", html)
     assert refs and all((out / ref.replace("%20", " ")).is_file() for ref in refs)
     assert "Research use only" in html
-
-
-def test_interrupted_run_resumes_to_the_same_result(mixed_folder, light_bundle, seg_model, tmp_path):
-    from ensemble.classifier import load_classifier
-    from pipeline.run import run_pipeline
-    from segmenter.train import load_segmenter
-
-    folder, good, _ = mixed_folder
-    clf = light_bundle
-    full = tmp_path / "full"
-    assert _run(folder, full, clf, seg_model) == 1
-    part = tmp_path / "part"
-    res = run_pipeline(folder, part, classifier=load_classifier(clf), segmenter=load_segmenter(seg_model),
-                       batch_size=4, stop_after=3)
-    assert res.n_done == 3
-    with (part / "results.jsonl").open("ab") as handle:
-        handle.write(b'{"file": "torn')  # a line half-written when the process was killed
-    assert _run(folder, part, clf, seg_model) == 1
-    assert (part / "results.csv").read_text() == (full / "results.csv").read_text()
-    assert (part / "failures.csv").read_text() == (full / "failures.csv").read_text()
-    lines = (part / "results.jsonl").read_text().splitlines()
-    assert len(lines) == len(good)  # no duplicate, no torn row
 
 
 def test_out_of_another_run_is_refused(light_bundle, seg_model, tmp_path, capsys):
