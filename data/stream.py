@@ -93,12 +93,17 @@ def stream_images(
         ahead = batch_size * (prefetch + 1)
         held = 0  # estimated bytes of pending decodes and of the rows of the batch being built
 
+        costs: dict[int, int] = {}  # header estimates, read once per file
+
         def fill(rows_held: int) -> None:
             nonlocal next_index, held
             while next_index < len(paths) and len(pending) < ahead:
                 i = next_index
-                cost = min(peek_pixels(paths[i]) or 0, max_pixels) * per_pixel
+                if i not in costs:
+                    costs[i] = min(peek_pixels(paths[i]) or 0, max_pixels) * per_pixel
+                cost = costs.pop(i)
                 if (pending or rows_held) and held + rows_held + cost > memory_budget:
+                    costs[i] = cost  # waits for memory to free up
                     return
                 pending.append((i, pool.submit(_load, paths[i], size, mode, clahe, keep_original, max_pixels), cost))
                 held += cost
