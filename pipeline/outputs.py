@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -96,11 +96,11 @@ def claim_output(out: Path, *, job: str) -> Iterator[Path]:
     try:
         yield out
     finally:
-        try:
+        # No stale holder named, so identical jobs leave identical folders. A failure here (a full
+        # disk, a folder gone) must not keep the lock: closing below releases it either way.
+        with suppress(OSError):
             handle.seek(0)
-            handle.truncate()  # no stale holder named; identical jobs leave identical folders
-        except OSError:
-            pass  # a full disk or a folder gone: closing below still releases the lock
+            handle.truncate()
         handle.close()  # releases the lock
 
 
