@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from data.export import ENGINES  # noqa: E402
+from data.runtime.engines import ENGINES  # noqa: E402
 
 from _measure import matmul_gflops, median_rate as rate, model_flops  # noqa: E402
 
@@ -51,10 +51,11 @@ def make_bundles(out: Path, size: int, seg_size: int) -> tuple[Path, Path, float
     """Random-weight classifier and segmenter bundles; returns their paths and nominal GFLOPs/image."""
     import keras
 
-    from data.bundle import save_bundle
+    from data.runtime.bundle import save_bundle
     from ensemble.classifier import save_classifier
     from ensemble.ensemble import build_ensemble
-    from segmenter.train import KIND, SegmenterSettings, build_segmenter
+    from segmenter.model import KIND
+    from segmenter.settings import SegmenterSettings, build_segmenter
 
     keras.utils.set_random_seed(0)
     members = ("densenet121", "efficientnetb0", "vgg19")
@@ -120,7 +121,7 @@ def main() -> int:
     from gradcam.gradients import feature_gradients
     from gradcam.masks import mask_overlay, overlay
     from pipeline.run import run_pipeline
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     res: dict[str, float | int | str] = {"engine": args.engine, "size": args.size, "seg_size": args.seg_size,

@@ -104,7 +104,7 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
 
     from data.augment import AugmentParams
     from data.datasets import make_dataset
-    from data.training import build_optimizer, reestimate_batchnorm, steps_per_epoch
+    from data.runtime.training import build_optimizer, reestimate_batchnorm, steps_per_epoch
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((size, size, 3))
@@ -164,7 +164,8 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
                   max_train: int | None = None) -> dict:
     from pipeline.segmenter_jobs import mean_ci
     from segmenter.metrics import segmentation_scores
-    from segmenter.train import SegmenterSettings, train_segmenter, with_preset
+    from segmenter.settings import SegmenterSettings, with_preset
+    from segmenter.train import train_segmenter
 
     with_mask = [r for r in records if kind in r.masks]
     train, val, test = (select_split(with_mask, assignment, s) for s in ("train", "val", "test"))

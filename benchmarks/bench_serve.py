@@ -72,7 +72,7 @@ def main() -> int:
     from data.datasets import walk_images
     from ensemble.classifier import load_classifier
     from pipeline.serve import ServeSettings, create_app
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     files = sorted(walk_images(Path(args.images)))
     if not files:

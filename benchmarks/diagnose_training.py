@@ -3,7 +3,7 @@ default for weights = "none": Keras' BatchNorm momentum 0.99, no re-estimation) 
 and after each epoch the validation accuracy with BatchNorm in inference mode (moving statistics,
 what `cxr run` sees) and in training mode (the batch's own statistics); at the end the temperature
 the calibration fit picks, and the accuracy once only the BatchNorm statistics are re-estimated
-(data.training.reestimate_batchnorm) on the same weights.
+(data.runtime.training.reestimate_batchnorm) on the same weights.
 
     python benchmarks/diagnose_training.py [--size 64] [--epochs 8] [--lr 1e-3] [--members densenet121,efficientnetb0]
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from data import spec  # noqa: E402
 from data.datasets import load_example, load_records  # noqa: E402
 from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
-from data.training import reestimate_batchnorm  # noqa: E402
+from data.runtime.training import reestimate_batchnorm  # noqa: E402
 from ensemble.calibration import apply_temperature, fit_temperature  # noqa: E402
 from ensemble.members import build_member  # noqa: E402
 

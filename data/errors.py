@@ -1,4 +1,4 @@
-"""The one base of the errors a user can act on (shared/STYLE.md §7).
+"""The one base of the errors a user can act on.
 
 Every error that names a file or setting and its fix derives from :class:`CxrError`, so the
 command line catches one class (exit 2, the message without a traceback) and Python callers can

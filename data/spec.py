@@ -1,6 +1,6 @@
 """The input contract: class names, image size and pixel layout.
 
-This module is the one place these facts live (shared/STYLE.md §2). Every model
+This module is the one place these facts live. Every model
 sidecar records them and is checked against them on load.
 """
 

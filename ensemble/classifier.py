@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from data import spec
-from data.bundle import SIDECAR, BundleError, load_bundle, save_bundle
-from data.export import EngineChoice
-from data.stream import pad_to_bucket
+from data.runtime.bundle import SIDECAR, BundleError, load_bundle, save_bundle
+from data.runtime.loaded import LoadedBundle
 from ensemble import ensemble as _ensemble  # noqa: F401  (registers the custom layers for loading)
 from ensemble import members as _members  # noqa: F401
 from ensemble.calibration import apply_temperature
@@ -41,51 +40,30 @@ class Prediction:
 
 
 @dataclass
-class Classifier(EngineChoice):
+class Classifier(LoadedBundle):
     """A loaded classifier bundle."""
-
-    model: Any
-    sidecar: dict[str, Any]
-    path: Path
-    onnx: Any = None  # data.export.OnnxForward once use_engine("onnx") was called
 
     @property
     def members(self) -> tuple[str, ...]:
-        return tuple(self.sidecar["meta"]["members"])
+        return tuple(self.meta["members"])
 
     @property
     def variant(self) -> str:
-        return self.sidecar["meta"]["variant"]
-
-    @property
-    def image_size(self) -> int:
-        return int(self.sidecar["image_size"])
-
-    @property
-    def resize_mode(self) -> str:
-        return self.sidecar["meta"].get("resize_mode", spec.DEFAULT_RESIZE_MODE)
-
-    @property
-    def clahe(self) -> bool:
-        return bool(self.sidecar["meta"].get("clahe", False))
+        return self.meta["variant"]
 
     @property
     def temperature(self) -> float:
-        return float(self.sidecar["meta"].get("temperature", 1.0))
+        return float(self.meta.get("temperature", 1.0))
 
     @property
     def refer_rule(self) -> dict[str, Any] | None:
         """The input check and confidence threshold fitted at training (ensemble.refer); None in older bundles."""
-        return self.sidecar["meta"].get("refer")
+        return self.meta.get("refer")
 
     @property
     def member_weights(self) -> list[float]:
-        w = self.sidecar["meta"].get("member_weights")
+        w = self.meta.get("member_weights")
         return list(w) if w else [1.0 / len(self.members)] * len(self.members)
-
-    @property
-    def checkpoint_sha256(self) -> str:
-        return self.sidecar["files"]["model.keras"]
 
     def head_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per member (kernel (K, C), bias (C,)) mapping pooled features to logits."""
@@ -93,18 +71,7 @@ class Classifier(EngineChoice):
 
     def predict(self, batch: np.ndarray) -> Prediction:
         """(N, S, S, 3) float32 in [0, 255] → :class:`Prediction`, one forward pass."""
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, spec.CHANNELS):
-            raise ValueError(
-                f"expected (N, {self.image_size}, {self.image_size}, {spec.CHANNELS}) float32 in [0, 255], got {x.shape}"
-            )
-        if self.onnx is not None:
-            out = self.onnx(x)  # ONNX Runtime takes any batch size without retracing
-        else:
-            # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape:
-            # padding to power-of-two buckets keeps the number of traces small.
-            padded, n = pad_to_bucket(x)
-            out = {k: np.asarray(v)[:n] for k, v in self.model.predict_on_batch(padded).items()}
+        out = self.forward(batch)
         raw = out["probs"].astype(np.float32)
         return Prediction(
             probs=apply_temperature(raw, self.temperature),

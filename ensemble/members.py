@@ -1,7 +1,7 @@
 """Registry of the three ensemble members and the builder of one member.
 
-A member is ``Input(0–255 RGB) → its own preprocessing → backbone → head`` (shared/STYLE.md
-§3): callers always pass the data.spec pixel contract. Every member model has two outputs,
+A member is ``Input(0–255 RGB) → its own preprocessing → backbone → head``:
+callers always pass the data.spec pixel contract. Every member model has two outputs,
 ``{name}_probs`` (B, 3) softmax and ``{name}_features`` (B, h, w, K), the backbone's last
 conv maps, so Grad-CAM needs no second pass.
 """
@@ -16,8 +16,8 @@ import keras
 from keras import layers
 
 from data import spec
-from data.normalization import caffe_normalization, torch_normalization
-from data.weights import WeightsError, build_application, resolve_weights_file  # noqa: F401  (WeightsError re-exported)
+from data.runtime.layers import caffe_normalization, torch_normalization
+from data.runtime.weights import WeightsError, build_application, resolve_weights_file  # noqa: F401  (WeightsError re-exported)
 
 #: Weight sources accepted by :func:`build_member`.
 WEIGHT_CHOICES = ("imagenet", None, "PATH to a .h5 file", "DIR holding Keras's *_notop.h5 files")

@@ -6,10 +6,10 @@ DenseNet121 costs ~70 s and eager ~6 s. XLA stays off: it was slower on CPU.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,9 +20,8 @@ import numpy as np
 from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
-from data.tf_setup import configure_graph_training
-from data.training import (apply_preset, build_callbacks, build_optimizer, check_recipe, fit_streamed,
-                           reestimate_batchnorm, set_bn_momentum, steps_per_epoch, write_history_csv)
+from data.runtime.training import (FitRecipe, apply_preset, check_recipe, fit_best, prepare_for_training,
+                                   reestimate_batchnorm, write_history_csv)
 from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
@@ -39,7 +38,7 @@ PAPER_CLASS_WEIGHTS = {"normal": 701.0, "pneumonia": 1587.0, "covid": 4283.0}
 #: Named recipes. A preset supplies the values of the keys a config or the command line leaves
 #: unset. "paper": the dataclass defaults (Adam 1e-4, batch 30, 60 epochs, plateau LR, early
 #: stopping, 30 % of each ImageNet backbone frozen). "scratch": what from-scratch training on a few
-#: thousand X-rays needs (see data.training and the README's "Training from scratch"); the default
+#: thousand X-rays needs (see data.runtime.training and the README's "Training from scratch"); the default
 #: whenever weights = "none".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -57,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` completed by its preset: ``values["preset"]``, else "scratch" when weights is
     "none" and "paper" otherwise. Keys given in ``values`` always win."""
-    from data.weights import is_none
+    from data.runtime.weights import is_none
 
     presets = dict(PRESETS)
     if values.get("member_weights") is not None:  # weights given by the user are used as given
@@ -218,73 +217,21 @@ def train_classifier(
         raise ValueError(f"need training and validation images, got {len(train)} and {len(val)}")
     keras.utils.set_random_seed(settings.seed)
     cw = class_weight_table([r.label for r in train], settings.class_weights)
-    cw_vec = np.array([cw[c] for c in spec.CLASS_NAMES], dtype=np.float32)
-    # Keep the loss scale comparable whatever the table's units (the paper's are in the thousands).
-    cw_vec = cw_vec / max(float(np.average(cw_vec[cw_vec > 0])), 1e-12)
-    weight_files = {}
-    for m in settings.members:
-        resolved = resolve_weights(m, settings.weights)
-        if resolved not in (None, "imagenet"):
-            from data.bundle import sha256_file
-
-            weight_files[m] = sha256_file(resolved)
-    shape = (settings.image_size, settings.image_size, spec.CHANNELS)
+    weight_files = _weight_file_hashes(settings)
     model = build_ensemble(
         settings.members, variant=settings.variant, member_weights=settings.member_weights,
-        weights=settings.weights, input_shape=shape, freeze_fraction=settings.freeze_fraction,
-        dropout=settings.dropout,
+        weights=settings.weights, input_shape=(settings.image_size, settings.image_size, spec.CHANNELS),
+        freeze_fraction=settings.freeze_fraction, dropout=settings.dropout,
     )
-    set_bn_momentum(model, settings.bn_momentum)
-    if not settings.run_eagerly:
-        configure_graph_training()
+    recipe = FitRecipe.from_settings(settings)
+    prepare_for_training(model, recipe)
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed)
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
     val_ds = make_dataset(val, **common)
-    if verbose is None:
-        verbose = 1 if sys.stderr.isatty() else 2
-    units = training_units(settings)
-    history: dict[str, list[float]] = {}
-    seconds: dict[str, float] = {}
-    for name, outputs, lr in units:
-        # A training view over the ensemble's own layers with only this unit's outputs: fitting it
-        # updates this unit's weights in `model`; the saved model keeps every output.
-        out_spec = model.output[outputs[0]] if len(outputs) == 1 else {o: model.output[o] for o in outputs}
-        trainer = keras.Model(model.input, out_spec, name=f"trainer_{name}")
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
-        trainer.compile(
-            optimizer=build_optimizer(settings.optimizer, lr, schedule=settings.lr_schedule, epochs=settings.epochs,
-                                      steps_per_epoch=steps_per_epoch(len(train), settings.batch_size),
-                                      warmup_epochs=settings.warmup_epochs, weight_decay=settings.weight_decay),
-            loss=loss if len(outputs) == 1 else {o: loss for o in outputs},
-            metrics=["accuracy"] if len(outputs) == 1 else {o: ["accuracy"] for o in outputs},
-            run_eagerly=settings.run_eagerly,
-            jit_compile=False,
-        )
-        prefix = f"{name}." if len(units) > 1 else ""
-        callbacks, ckpt = build_callbacks(out_dir, schedule=settings.lr_schedule, prefix=prefix,
-                                          early_stopping_patience=settings.early_stopping_patience,
-                                          reduce_lr_patience=settings.reduce_lr_patience,
-                                          reduce_lr_factor=settings.reduce_lr_factor)
-        t0 = time.perf_counter()
-        hist = fit_streamed(
-            trainer,
-            _with_targets(train_ds, outputs, cw_vec),
-            validation_data=_with_targets(val_ds, outputs, np.ones_like(cw_vec)),
-            epochs=settings.epochs,
-            callbacks=callbacks,
-            shuffle=False,  # make_dataset shuffles, seeded per epoch
-            verbose=verbose,
-        )
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        if ckpt.is_file():
-            trainer.load_weights(ckpt)
-        for key, values in hist.history.items():
-            key = key if len(outputs) > 1 else (f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}")
-            history[key] = [float(v) for v in values]
-    if len(units) > 1:
-        write_history_csv(out_dir / "training_log.csv", history)
+    history, seconds = _fit_units(model, settings, recipe, train_ds, val_ds, cw, n_train=len(train),
+                                  out_dir=out_dir, verbose=verbose)
     # One pass over the training images without augmentation (what inference will see): the first
     # batches re-estimate BatchNorm, and every image gives its layout vector for the input check.
     layouts: list[np.ndarray] = []
@@ -297,9 +244,89 @@ def train_classifier(
 
     batches = plain_batches()
     bn_batches = reestimate_batchnorm(model, batches, max_batches=settings.bn_reestimate_batches)
-    for _ in batches:  # the rest of the pass, for the input check
-        pass
-    # Temperature on the validation split, from the final model's probabilities.
+    collections.deque(batches, maxlen=0)  # the rest of the pass, for the input check
+    cal = _calibrate(model, settings, val_ds)
+    refer = {
+        "input_check": input_check_from_vectors(layouts),
+        "confidence": fit_confidence_threshold(apply_temperature(cal.raw, cal.temperature), cal.labels,
+                                               target_error=settings.refer_target_error),
+    }
+    validation = {
+        "n": int(len(cal.labels)),
+        "accuracy": float((cal.raw.argmax(1) == cal.labels).mean()),
+        "member_accuracy": {m: float((v.argmax(1) == cal.labels).mean()) for m, v in cal.member_raw.items()},
+        "member_weights": list(cal.member_weights) if cal.member_weights else None,
+        "temperature": cal.temperature,
+        "bn_reestimate_batches": bn_batches,
+        "train_seconds": seconds,
+    }
+    if cal.temperature >= TEMPERATURE_WARNING:
+        # A temperature this high flattens every probability towards 1/3: the model's validation
+        # predictions carry almost no information. Say so rather than hide it.
+        print(f"warning: temperature {cal.temperature:.1f} on validation (accuracy {validation['accuracy']:.3f}): "
+              "the classifier has not learned; see the README's 'Presets' section", file=sys.stderr)
+    config = {**settings.to_dict(), "class_weight_table": cw, "n_train": len(train), "n_val": len(val)}
+    save_classifier(
+        model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
+        config=config, temperature=cal.temperature, member_weights=cal.member_weights,
+        resize_mode=settings.resize_mode, clahe=settings.clahe, weight_files=weight_files,
+        extra_meta={"validation": validation, "refer": refer},
+    )
+    return TrainResult(load_classifier(out_dir), history, cw, cal.temperature, list(failures.items), validation)
+
+
+def _weight_file_hashes(settings: ClassifierSettings) -> dict[str, str]:
+    """sha256 of each member's local initial weight file (checked before any image is read)."""
+    from data.runtime.bundle import sha256_file
+
+    resolved = {m: resolve_weights(m, settings.weights) for m in settings.members}
+    return {m: sha256_file(r) for m, r in resolved.items() if r not in (None, "imagenet")}
+
+
+def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitRecipe, train_ds, val_ds,
+               class_weights: dict[str, float], *, n_train: int, out_dir: Path,
+               verbose: int | None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Fit each training unit (:func:`training_units`) in turn; (merged history, seconds per unit)."""
+    cw_vec = np.array([class_weights[c] for c in spec.CLASS_NAMES], dtype=np.float32)
+    # Keep the loss scale comparable whatever the table's units (the paper's are in the thousands).
+    cw_vec = cw_vec / max(float(np.average(cw_vec[cw_vec > 0])), 1e-12)
+    units = training_units(settings)
+    history: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for name, outputs, lr in units:
+        # A training view over the ensemble's own layers with only this unit's outputs: fitting it
+        # updates this unit's weights in `model`; the saved model keeps every output.
+        out_spec = model.output[outputs[0]] if len(outputs) == 1 else {o: model.output[o] for o in outputs}
+        trainer = keras.Model(model.input, out_spec, name=f"trainer_{name}")
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
+        fitted = fit_best(
+            trainer, _with_targets(train_ds, outputs, cw_vec),
+            _with_targets(val_ds, outputs, np.ones_like(cw_vec)),
+            recipe=recipe, n_train=n_train, learning_rate=lr,
+            loss=loss if len(outputs) == 1 else {o: loss for o in outputs},
+            metrics=["accuracy"] if len(outputs) == 1 else {o: ["accuracy"] for o in outputs},
+            out_dir=out_dir, prefix=f"{name}." if len(units) > 1 else "", verbose=verbose,
+        )
+        seconds[name] = fitted.seconds
+        for key, values in fitted.history.items():
+            key = key if len(outputs) > 1 else (f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}")
+            history[key] = values
+    if len(units) > 1:
+        write_history_csv(out_dir / "training_log.csv", history)
+    return history, seconds
+
+
+@dataclass
+class _Calibration:
+    labels: np.ndarray  # (V,) validation class indices
+    raw: np.ndarray  # (V, C) ensemble probabilities before temperature (with the fitted vote weights)
+    member_raw: dict[str, np.ndarray]  # soft vote: each member's (V, C)
+    member_weights: tuple[float, ...] | None
+    temperature: float
+
+
+def _calibrate(model: keras.Model, settings: ClassifierSettings, val_ds) -> _Calibration:
+    """Soft-vote weights (when fitted) and the temperature, on the validation split, from the final model."""
     labels, raw, members_raw = [], [], {}
     for x, y in val_ds:
         out = model.predict_on_batch(np.asarray(x))
@@ -309,38 +336,13 @@ def train_classifier(
                 members_raw.setdefault(m, []).append(np.asarray(out[f"{m}_probs"]))
         labels.append(np.asarray(y).argmax(axis=1))
     labels_v, raw_v = np.concatenate(labels), np.concatenate(raw)
+    member_raw = {m: np.concatenate(v) for m, v in members_raw.items()}
     member_weights = settings.member_weights
     if settings.fit_member_weights and settings.variant == "softvote" and len(settings.members) > 1:
-        member_weights = tuple(fit_vote_weights([np.concatenate(members_raw[m]) for m in settings.members], labels_v))
+        member_weights = tuple(fit_vote_weights([member_raw[m] for m in settings.members], labels_v))
         model.get_layer("probs").member_weights = list(member_weights)  # saved with the model's config
-        raw_v = sum(w * np.concatenate(members_raw[m]) for w, m in zip(member_weights, settings.members))
+        raw_v = sum(w * member_raw[m] for w, m in zip(member_weights, settings.members))
     temperature = fit_temperature(raw_v, labels_v)
     if not math.isfinite(temperature):
         raise RuntimeError(f"temperature fit gave {temperature}; validation probabilities are degenerate")
-    refer = {
-        "input_check": input_check_from_vectors(layouts),
-        "confidence": fit_confidence_threshold(apply_temperature(raw_v, temperature), labels_v,
-                                               target_error=settings.refer_target_error),
-    }
-    validation = {
-        "n": int(len(labels_v)),
-        "accuracy": float((raw_v.argmax(1) == labels_v).mean()),
-        "member_accuracy": {m: float((np.concatenate(v).argmax(1) == labels_v).mean()) for m, v in members_raw.items()},
-        "member_weights": list(member_weights) if member_weights else None,
-        "temperature": temperature,
-        "bn_reestimate_batches": bn_batches,
-        "train_seconds": seconds,
-    }
-    if temperature >= TEMPERATURE_WARNING:
-        # A temperature this high flattens every probability towards 1/3: the model's validation
-        # predictions carry almost no information. Say so rather than hide it.
-        print(f"warning: temperature {temperature:.1f} on validation (accuracy {validation['accuracy']:.3f}): "
-              "the classifier has not learned; see the README's 'Presets' section", file=sys.stderr)
-    config = {**settings.to_dict(), "class_weight_table": cw, "n_train": len(train), "n_val": len(val)}
-    save_classifier(
-        model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
-        config=config, temperature=temperature, member_weights=member_weights,
-        resize_mode=settings.resize_mode, clahe=settings.clahe, weight_files=weight_files,
-        extra_meta={"validation": validation, "refer": refer},
-    )
-    return TrainResult(load_classifier(out_dir), history, cw, temperature, list(failures.items), validation)
+    return _Calibration(labels_v, raw_v, member_raw, member_weights, temperature)

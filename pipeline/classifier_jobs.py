@@ -18,7 +18,6 @@ import numpy as np
 from data import spec
 from data.datasets import DatasetError, FailureLog, Record
 from data.splits import SPLIT_NAMES, read_splits, select_split
-from data.stream import stream_images
 from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
                              write_failures)
 from pipeline.config import build_settings, read_toml, settings_to_toml
@@ -89,8 +88,7 @@ def classify_files(classifier, paths: Sequence[str | os.PathLike[str]], *, batch
     failures = FailureLog()
     idx, probs, raw = [], [], []
     members: dict[str, list[np.ndarray]] = {}
-    batches = stream_images(paths, size=classifier.image_size, batch_size=batch_size,
-                            mode=classifier.resize_mode, clahe=classifier.clahe, failures=failures)
+    batches = classifier.stream(paths, batch_size=batch_size, failures=failures)
     for batch in (progress(batches) if progress else batches):
         pred = classifier.predict(batch.x)
         idx.extend(batch.indices)
@@ -125,7 +123,7 @@ def evaluate_classifier_job(
 
     Without ``splits``, images the bundle trained or validated on (its splits.csv) are left out
     unless ``include_training`` (metrics.json says which). CIs resample patients.
-    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
+    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
     from ensemble.classifier import load_classifier
     from ensemble.evaluate import classification_metrics, metrics_by_group, reliability, roc_curves

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from data.errors import CxrError
-from data.export import ENGINES
+from data.runtime.engines import ENGINES
 from pipeline import __version__
 from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT, FORMATS
 
@@ -248,7 +248,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _load_models(args: argparse.Namespace):
     """(classifier, segmenter, lung model or None), loaded, checked and on the chosen engine."""
     from ensemble.classifier import load_classifier
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     classifier = load_classifier(args.classifier)
     segmenter = load_segmenter(args.segmenter)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.bundle import SIDECAR, git_revision, package_versions
+from data.runtime.bundle import SIDECAR, git_revision, package_versions
 from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.splits import assign_splits, find_leaks, group_records, hash_records, read_splits, write_splits
 

@@ -1,7 +1,7 @@
 """Typed configuration from flat TOML files (stdlib tomllib) into frozen dataclasses.
 
-Unknown keys and wrongly typed values fail naming the file, the key and the allowed keys
-(shared/STYLE.md §6). TOML has no null: the string "none" stands for None where a field
+Unknown keys and wrongly typed values fail naming the file, the key and the allowed keys.
+TOML has no null: the string "none" stands for None where a field
 allows it.
 """
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.bundle import SIDECAR
+from data.runtime.bundle import SIDECAR
 from data.datasets import SAMPLE_MASKS_DIR, SAMPLES_DIR, load_records, pair_masks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -79,7 +79,7 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
     from pipeline.classifier_jobs import evaluate_classifier_job, train_classifier_job
     from pipeline.run import run_pipeline
     from pipeline.segmenter_jobs import train_segmenter_job
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     t0 = time.perf_counter()
     records, description, real, lesion_kind = _training_records()

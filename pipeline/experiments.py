@@ -3,7 +3,7 @@
 Every file has ``task`` (``dataset``, ``classifier``, ``segmenter`` or ``protocol`` = classifier
 then segmenter) and ``name``; the other keys are the experiment's own (below) and the
 training settings of its stage(s) (ensemble.train.ClassifierSettings,
-segmenter.train.SegmenterSettings; for ``protocol`` the segmenter's keys take a ``seg_``
+segmenter.settings.SegmenterSettings; for ``protocol`` the segmenter's keys take a ``seg_``
 prefix). Unknown or missing keys fail listing the allowed ones. Paths are relative to the
 TOML file's folder. Each run writes the resolved config, git revision, package versions,
 seeds, metrics, plots and ``comparison.md`` (our numbers beside the paper's).
@@ -44,8 +44,8 @@ class Experiment:
 def load_experiment(path: str | Path) -> tuple[Experiment, Any, Any]:
     """(experiment, classifier settings or None, segmenter settings or None) from a TOML file."""
     from ensemble.train import ClassifierSettings, with_preset
-    from segmenter.train import SegmenterSettings
-    from segmenter.train import with_preset as with_seg_preset
+    from segmenter.settings import SegmenterSettings
+    from segmenter.settings import with_preset as with_seg_preset
 
     path = Path(path)
     values = read_toml(path)

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from data.bundle import SIDECAR, BundleError
+from data.runtime.bundle import SIDECAR, BundleError
 
 
 FORMATS = ("onnx", "onnx-int8", "savedmodel")
@@ -33,7 +33,7 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
 
         model = load_classifier(directory)
     elif kind == "segmenter":
-        from segmenter.train import load_segmenter
+        from segmenter.model import load_segmenter
 
         model = load_segmenter(directory)
     else:
@@ -42,7 +42,7 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
         model.use_engine("onnx")
         return model.onnx.path
     if fmt == "onnx-int8":
-        from data.export import INT8_FILE, ensure_int8
+        from data.runtime.engines import INT8_FILE, ensure_int8
 
         if calibration is None:
             raise BundleError("--format onnx-int8 needs --calibration DIR: a folder of training images "
@@ -94,11 +94,9 @@ def _load_inputs(model, files: list[Path]):
     import numpy as np
 
     from data.datasets import DatasetError, FailureLog
-    from data.stream import stream_images
-
+    
     failures = FailureLog()
-    xs = [b.x for b in stream_images(files, size=model.image_size, mode=model.resize_mode, clahe=model.clahe,
-                                     failures=failures)]
+    xs = [b.x for b in model.stream(files, failures=failures)]
     if failures.items:
         path, reason = failures.items[0]
         raise DatasetError(f"{path}: {reason}; remove it from the calibration folder")

@@ -19,7 +19,6 @@ import numpy as np
 from data import spec
 from data.datasets import DatasetError, FailureLog, walk_images
 from data.io import ImageReadError, read_mask
-from data.stream import stream_images
 from gradcam.cam import METHODS, member_heatmaps
 from gradcam.export import Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
 from gradcam.masks import colorize, draft_mask, iou, mass_inside, overlay, pointing_hit
@@ -100,8 +99,7 @@ def gradcam_job(
         drafts: list[Draft] = []
         rows: list[list[Any]] = []
         audit_rows: list[dict[str, Any]] = []
-        batches = stream_images(paths, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
-                                clahe=clf.clahe, failures=failures, keep_original=True)
+        batches = clf.stream(paths, batch_size=batch_size, failures=failures, keep_original=True)
         for batch in (progress(batches) if progress else batches):
             pred = clf.predict(batch.x)
             cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x), spec.class_index(target))

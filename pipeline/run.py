@@ -32,11 +32,7 @@ import numpy as np
 
 from data import spec
 from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
-from data.preprocess import preprocess_image
-from data.stream import stream_images
-from ensemble.refer import refer_decisions
-from gradcam.cam import member_heatmaps
-from gradcam.masks import mask_overlay, overlay
+from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.outputs import claim_output, describe_os_error, output_name
 from pipeline.report_html import REPORT_LESIONS, write_report
 
@@ -210,8 +206,8 @@ class _FolderRun:
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         written: Future | None = None
         try:
-            batches = stream_images(todo, size=clf.image_size, batch_size=batch_size, mode=clf.resize_mode,
-                                    clahe=clf.clahe, failures=failures, keep_original=True, max_pixels=max_pixels)
+            batches = clf.stream(todo, batch_size=batch_size, failures=failures, keep_original=True,
+                                 max_pixels=max_pixels)
             for batch in (progress(batches) if progress else batches):
                 logged = self._log_read_failures(failures, logged)
                 analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
@@ -282,96 +278,6 @@ class _FolderRun:
 
 class _Stop(Exception):
     """Internal: ends a run early (``stop_after``)."""
-
-
-@dataclass
-class ImageAnalysis:
-    """Both stages' answer for one image, at the image's original size."""
-
-    probs: np.ndarray  # (num_classes,) in spec.CLASS_NAMES order
-    heat: np.ndarray  # fused Grad-CAM, float32 (H, W) in [0, 1]
-    seg: Any  # SegmentedImage, or None when stage 2 did not run
-    refer: bool | None = None  # hand to a reader (ensemble.refer); None when the bundle has no rule
-    refer_reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return spec.CLASS_NAMES[int(self.probs.argmax())]
-
-    @property
-    def probabilities(self) -> dict[str, float]:
-        return {c: round(float(self.probs[k]), 6) for k, c in enumerate(spec.CLASS_NAMES)}
-
-    @property
-    def confidence(self) -> float:
-        return round(float(self.probs.max()), 6)
-
-    def stage2_fields(self) -> dict[str, Any]:
-        """segmented, lesion_count, lesion_area_px, lung_affected_pct and lesions (box, area, score)."""
-        if self.seg is None:
-            return {"segmented": False, "lesion_count": 0, "lesion_area_px": 0, "lung_affected_pct": None,
-                    "lesions": []}
-        res = self.seg
-        return {
-            "segmented": True,
-            "lesion_count": len(res.lesions),
-            "lesion_area_px": int(sum(les.area_px for les in res.lesions)),
-            "lung_affected_pct": None if res.lung_affected_pct is None else round(res.lung_affected_pct, 3),
-            "lesions": [{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
-                         "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
-        }
-
-
-def result_images(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, np.ndarray]:
-    """The pictures of one analysed image at its own size: "gradcam" (overlay) always;
-    "mask" (uint8 0/255) and "mask_overlay" when stage 2 ran. `cxr run` writes them, `cxr serve` serves them."""
-    images = {"gradcam": overlay(original, analysis.heat)}
-    if analysis.seg is not None:
-        images["mask"] = analysis.seg.mask.astype(np.uint8) * 255
-        images["mask_overlay"] = mask_overlay(original, analysis.seg.mask)
-    return images
-
-
-def analyse_batch(x: np.ndarray, originals, geometries, *, classifier, segmenter, lung_model=None,
-                  segment_all: bool = False, heads=None) -> list[ImageAnalysis]:
-    """Stage 1 with every member's Grad-CAM from one pass, then stage 2 on the flagged images.
-
-    ``x`` is the classifier's (N, S, S, 3) batch, ``originals`` the decoded images at their own
-    size (float32 RGB in [0, 255]) and ``geometries`` how ``x`` was made from them. Used by
-    ``cxr run`` and ``cxr serve`` alike.
-    """
-    heads = heads if heads is not None else classifier.head_weights()
-    pred = classifier.predict(x)
-    cls = pred.probs.argmax(axis=1)
-    decisions = refer_decisions(x, pred.probs, classifier.refer_rule)
-    _, fused = member_heatmaps(pred.features, heads, cls, member_weights=classifier.member_weights,
-                               size=classifier.image_size)
-    flagged = [j for j, c in enumerate(cls) if segment_all or spec.CLASS_NAMES[c] in spec.SEGMENT_CLASSES]
-    seg_out = _segment(flagged, originals, segmenter, lung_model)
-    return [ImageAnalysis(pred.probs[j], geometries[j].map_to_original(fused[j]), seg_out.get(j),
-                          *decisions[j])
-            for j in range(len(x))]
-
-
-def _segment(flagged: list[int], originals, segmenter, lung_model) -> dict[int, Any]:
-    """Stage 2 for the flagged rows of a batch, at each image's original size."""
-    from pipeline.segmenter_jobs import segment_image
-
-    if not flagged:
-        return {}
-    xs, geos = zip(*[preprocess_image(originals[j], size=segmenter.image_size, mode=segmenter.resize_mode,
-                                      clahe=segmenter.clahe) for j in flagged])
-    probs = segmenter.predict(np.stack(xs))
-    lungs = None
-    if lung_model is not None:
-        lx, lgeos = zip(*[preprocess_image(originals[j], size=lung_model.image_size, mode=lung_model.resize_mode,
-                                           clahe=lung_model.clahe) for j in flagged])
-        lungs = [g.map_to_original(p) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
-    out = {}
-    for k, j in enumerate(flagged):
-        prob = geos[k].map_to_original(probs[k])
-        out[j] = segment_image(prob, segmenter, lungs[k] if lungs is not None else None)
-    return out
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:

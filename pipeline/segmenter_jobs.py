@@ -13,9 +13,7 @@ import numpy as np
 
 from data.datasets import DatasetError, FailureLog, Record
 from data.io import ImageReadError, read_mask
-from data.preprocess import Geometry
 from data.splits import read_splits, select_split
-from data.stream import stream_images
 from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
                              write_failures)
 from pipeline.config import build_settings, read_toml, settings_to_toml
@@ -37,8 +35,9 @@ class SegTrainJobResult:
 def train_segmenter_job(records: Sequence[Record], out, *, config=None, overrides: dict[str, Any] | None = None,
                         splits=None, allow_leaks: bool = False, progress=None, verbose: int | None = None) -> SegTrainJobResult:
     """Train a segmenter on the records that carry the configured mask kind (patient-level split)."""
-    from data.weights import resolve_weights_file
-    from segmenter.train import SegmenterSettings, train_segmenter, with_preset
+    from data.runtime.weights import resolve_weights_file
+    from segmenter.settings import SegmenterSettings, with_preset
+    from segmenter.train import train_segmenter
     from segmenter.unet import ENCODER_FILE
 
     values = read_toml(config) if config is not None else {}
@@ -86,16 +85,11 @@ def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
 def probability_maps(segmenter, paths: Sequence[Path], *, batch_size: int = 4, progress=None,
                      failures: FailureLog | None = None):
     """Yield (index, path, probability map at the file's original size, original image) per readable file."""
-    batches = stream_images(paths, size=segmenter.image_size, batch_size=batch_size, mode=segmenter.resize_mode,
-                            clahe=segmenter.clahe, failures=failures, keep_original=True)
+    batches = segmenter.stream(paths, batch_size=batch_size, failures=failures, keep_original=True)
     for batch in (progress(batches) if progress else batches):
         probs = segmenter.predict(batch.x)
         for i, path, geo, prob, orig in zip(batch.indices, batch.paths, batch.geometries, probs, batch.originals):
-            yield i, path, _to_original(prob, geo), orig
-
-
-def _to_original(prob: np.ndarray, geo: Geometry) -> np.ndarray:
-    return geo.map_to_original(prob)
+            yield i, path, segmenter.to_original(prob, geo), orig
 
 
 def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,
@@ -105,10 +99,10 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     gallery.png. Without ``splits``, images the bundle trained or validated on are left out unless
     ``include_training`` (see pipeline.common.held_out_records).
 
-    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.export.ENGINES).
+    ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
     from segmenter.metrics import confusion, hausdorff95, segmentation_scores
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
@@ -167,30 +161,9 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     return metrics
 
 
-@dataclass
-class SegmentedImage:
-    """Stage-2 output for one image, at its original size."""
-
-    mask: np.ndarray  # bool (H, W)
-    lung: np.ndarray | None
-    lesions: list[Any]
-    lung_affected_pct: float | None
-
-
-def segment_image(prob: np.ndarray, seg, lung_prob: np.ndarray | None = None, lung_threshold: float = 0.5) -> SegmentedImage:
-    """Threshold, drop small components, and describe lesions (inside the lung field when known)."""
-    from segmenter.metrics import clean_mask, lesions, lung_affected_pct
-
-    lung = lung_prob >= lung_threshold if lung_prob is not None else None
-    found = lesions(prob, threshold=seg.threshold, min_area=seg.min_lesion_area, lung=lung)
-    mask = clean_mask(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
-    pct = lung_affected_pct(mask, lung) if lung is not None else None
-    return SegmentedImage(mask, lung, found, pct)
-
-
 def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_model=None):
     """(rows of (file, SegmentedImage), failures) for each file, with the lung model when given."""
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter, segment_image
 
     seg = load_segmenter(model_dir)
     lung_seg = load_segmenter(lung_model) if lung_model else None

@@ -3,7 +3,7 @@
 - Models load once. One worker thread owns them: requests queue up and are analysed in
   batches of up to ``max_batch`` (waiting at most ``max_wait_ms`` for company), so concurrent
   users neither corrupt each other nor each pay for a separate pass. The analysis is
-  :func:`pipeline.run.analyse_batch`, the same code ``cxr run`` uses.
+  :func:`pipeline.analysis.analyse_batch`, the same code ``cxr run`` uses.
 - Uploads are judged by their bytes, never by name or declared type: over ``max_upload_bytes``
   → 413 (FastAPI's ``max_body_size``: from the Content-Length, or counted as the body streams in); not PNG, JPEG,
   BMP, TIFF or DICOM by content → 415; decodable format but a broken or refused image → 422.
@@ -39,9 +39,9 @@ from starlette.concurrency import run_in_threadpool
 
 from data import spec
 from data.io import ImageReadError, decode_image, sniff_format
-from data.stream import Prepared, prepare_image
+from data.stream import Prepared
 from pipeline import serve_schema as schema
-from pipeline.run import ImageAnalysis, analyse_batch, result_images
+from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.serve_page import UPLOAD_PAGE
 
 RESULT_FILES = ("gradcam.png", "mask.png", "mask_overlay.png")
@@ -87,8 +87,7 @@ class Engine:
         """Queue a decoded image (data.io array); the future resolves to an ImageAnalysis."""
         if self._queue.qsize() >= self.settings.max_queue:
             raise Busy(f"{self._queue.qsize()} images are waiting; retry shortly")
-        job = _Job(prepare_image(image, size=self.classifier.image_size, mode=self.classifier.resize_mode,
-                                 clahe=self.classifier.clahe), Future())
+        job = _Job(self.classifier.prepare(image), Future())
         self._queue.put(job)
         return job.future
 
@@ -186,7 +185,7 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def render_files(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, bytes]:
-    """pipeline.run.result_images of one analysed image, as PNG bytes named ``<name>.png``."""
+    """pipeline.analysis.result_images of one analysed image, as PNG bytes named ``<name>.png``."""
     return {f"{name}.png": _png(rgb) for name, rgb in result_images(analysis, original).items()}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from data.normalization import torch_normalization
+from data.runtime.layers import torch_normalization
 from segmenter.unet import head_activation, validate_size
 
 DOWN_LAYERS = (4, 5, 7, 10, 12)

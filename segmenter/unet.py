@@ -12,8 +12,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from data.normalization import torch_normalization
-from data.weights import build_application, resolve_weights_file
+from data.runtime.layers import torch_normalization
+from data.runtime.weights import build_application, resolve_weights_file
 
 #: Keras's no-top DenseNet121 file (what a local --weights folder must hold).
 ENCODER_FILE = "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -52,7 +52,7 @@ def build_unet(
 
     ``num_classes`` 1: lesion vs background (sigmoid); 3: background / lung / lesion (softmax).
     ``weights``: None, "imagenet", a DenseNet121 no-top weights file, or a folder holding it
-    (data.weights.WeightsError with the fix when it cannot be had).
+    (data.runtime.weights.WeightsError with the fix when it cannot be had).
     """
     validate_size(input_size)
     if num_classes < 1:

@@ -1,4 +1,4 @@
-"""The package layering of shared/STYLE.md §1, enforced by import-linter's contract in setup.cfg."""
+"""The package layering of README "Layout", enforced by import-linter's contract in setup.cfg."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""data.export on a tiny Keras model: an export is cached next to the model, reused while both hashes match, redone otherwise."""
+"""data.runtime.engines on a tiny Keras model: an export is cached next to the model, reused while both hashes match, redone otherwise."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime", reason="the ONNX engine needs onnxruntime (pi
 
 import keras  # noqa: E402
 
-from data.export import ONNX_FILE, ONNX_RECORD, ExportError, ensure_onnx, export_onnx  # noqa: E402
+from data.runtime.engines import ONNX_FILE, ONNX_RECORD, ExportError, ensure_onnx, export_onnx  # noqa: E402
 
 
 def _tiny_model():

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from data.training import (batchnorm_layers, build_lr_schedule, build_optimizer, check_recipe, reestimate_batchnorm,
+from data.runtime.training import (batchnorm_layers, build_lr_schedule, build_optimizer, check_recipe, reestimate_batchnorm,
                            set_bn_momentum, write_history_csv)
 
 

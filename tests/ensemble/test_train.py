@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.bundle import BundleError
+from data.runtime.bundle import BundleError
 from data.datasets import make_dataset
 from ensemble.classifier import load_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs
@@ -124,7 +124,7 @@ def test_bad_settings(kwargs, message):
 def test_graph_mode_ensemble_trains_past_the_first_epoch(tiny_records, tmp_path):
     """`make test-slow` (~2 min): 3 members, graph mode, a partial last batch, 3 epochs.
 
-    Without data.tf_setup.configure_graph_training this failed at epoch 2 with
+    Without data.runtime.tf_setup.configure_graph_training this failed at epoch 2 with
     AlreadyExistsError (Grappler AddOpsRewrite temporary variable left by the end-of-data step).
     """
     from ensemble.train import train_classifier
@@ -137,7 +137,7 @@ def test_graph_mode_ensemble_trains_past_the_first_epoch(tiny_records, tmp_path)
 
 
 def test_graph_training_turns_off_the_arithmetic_optimizer():
-    from data.tf_setup import configure_graph_training
+    from data.runtime.tf_setup import configure_graph_training
 
     configure_graph_training()
     assert tf.config.optimizer.get_experimental_options()["arithmetic_optimization"] is False

@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from data.datasets import load_records, pair_masks
     from ensemble.train import ClassifierSettings, train_classifier, with_preset
-    from segmenter.train import SegmenterSettings, train_segmenter
+    from segmenter.settings import SegmenterSettings
+    from segmenter.train import train_segmenter
     assert keras.backend.backend() == "torch"
     tree, masks, out = map(Path, sys.argv[1:4])
     recs = load_records(tree)

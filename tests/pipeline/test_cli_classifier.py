@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
-from fakes import png_bytes, xray_like
 
 from pipeline.cli import main
 

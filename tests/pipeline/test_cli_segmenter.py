@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.bundle import BundleError
+from data.runtime.bundle import BundleError
 from fakes import png_bytes
 
 from pipeline.cli import main
@@ -74,7 +74,7 @@ def test_lung_lesion_head_trains_from_two_mask_kinds(seg_data, tmp_path):
 
     import numpy as np
 
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     masks = tmp_path / "masks"
     shutil.copytree(seg_data / "masks", masks)

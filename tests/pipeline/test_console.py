@@ -20,7 +20,7 @@ def test_native_noise_is_dropped_and_other_lines_kept(capfd):
 def test_the_keras_warning_about_streams_of_unknown_length_is_silenced_for_fit_only():
     import warnings
 
-    from data.training import fit_streamed
+    from data.runtime.training import fit_streamed
 
     class Model:
         def fit(self, data, **kwargs):
@@ -35,12 +35,12 @@ def test_the_keras_warning_about_streams_of_unknown_length_is_silenced_for_fit_o
 
 
 def test_every_user_error_shares_one_base_that_the_cli_catches():
-    from data.bundle import BundleError
+    from data.runtime.bundle import BundleError
     from data.datasets import DatasetError
     from data.errors import CxrError
-    from data.export import ExportError
+    from data.runtime.engines import ExportError
     from data.io import ImageReadError
-    from data.weights import WeightsError
+    from data.runtime.weights import WeightsError
     from gradcam.imports import AnnotationError
     from pipeline.cli import UsageError
     from pipeline.config import ConfigError

@@ -82,7 +82,7 @@ def test_settings_survive_the_round_trip_reproduce_makes(path):
     """reproduce hands to_dict() to the jobs as overrides: weights = "none" must not turn into the default."""
     from ensemble.train import ClassifierSettings
     from pipeline.config import build_settings
-    from segmenter.train import SegmenterSettings
+    from segmenter.settings import SegmenterSettings
 
     _, clf, seg = load_experiment(path)
     for settings, cls in ((clf, ClassifierSettings), (seg, SegmenterSettings)):

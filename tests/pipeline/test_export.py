@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the ONNX engine needs onnxruntime (pip install -e .)")
 
-from data.export import ONNX_FILE, ONNX_RECORD, select_engine  # noqa: E402
+from data.runtime.engines import ONNX_FILE, ONNX_RECORD, select_engine  # noqa: E402
 from ensemble.classifier import load_classifier  # noqa: E402
 from pipeline.cli import main  # noqa: E402
-from segmenter.train import load_segmenter  # noqa: E402
+from segmenter.model import load_segmenter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def _xray_folder(folder, n, seed):
 
 
 def test_int8_export_is_close_to_float_and_refused_when_stale(bundles, tmp_path, capsys):
-    from data.bundle import BundleError
-    from data.export import INT8_FILE, INT8_RECORD
+    from data.runtime.bundle import BundleError
+    from data.runtime.engines import INT8_FILE, INT8_RECORD
     from data.stream import stream_images
 
     clf = bundles[0]

@@ -70,7 +70,7 @@ def corpus(tmp_path_factory, bad_corpus):
 @pytest.fixture(scope="module")
 def loaded(light_bundle, seg_model):
     from ensemble.classifier import load_classifier
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     return load_classifier(light_bundle), load_segmenter(seg_model)
 

@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 from data import spec  # noqa: E402
 from data.io import decode_image  # noqa: E402
 from data.stream import prepare_image  # noqa: E402
-from pipeline.run import analyse_batch  # noqa: E402
+from pipeline.analysis import analyse_batch  # noqa: E402
 from pipeline.serve import ServeSettings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def models(light_bundle, seg_model):
     from ensemble.classifier import load_classifier
-    from segmenter.train import load_segmenter
+    from segmenter.model import load_segmenter
 
     return load_classifier(light_bundle), load_segmenter(seg_model)
 

@@ -12,7 +12,9 @@ re-estimate of the statistics over training batches at the end ("precise BN", Wu
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -189,3 +191,78 @@ def fit_streamed(model, train, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
         return model.fit(train, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitRecipe:
+    """How one model (or one separately optimised unit of it) is fitted: the settings fields both
+    trainers share. :meth:`from_settings` reads them off a ClassifierSettings or SegmenterSettings."""
+
+    optimizer: str
+    learning_rate: float
+    lr_schedule: str
+    epochs: int
+    batch_size: int
+    warmup_epochs: int = 0
+    weight_decay: float = 0.0
+    early_stopping_patience: int = 0
+    reduce_lr_patience: int = 4
+    reduce_lr_factor: float = 0.5
+    bn_momentum: float | None = None
+    bn_reestimate_batches: int = 0
+    run_eagerly: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FitRecipe:
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class FitOutcome:
+    """What :func:`fit_best` leaves: the Keras history (floats), wall seconds and the checkpoint."""
+
+    history: dict[str, list[float]]
+    seconds: float
+    checkpoint: Path
+
+
+def prepare_for_training(model: keras.Model, recipe: FitRecipe) -> None:
+    """BatchNorm momentum from the recipe; TensorFlow's graph-mode settings unless eager."""
+    set_bn_momentum(model, recipe.bn_momentum)
+    if not recipe.run_eagerly:
+        from data.runtime.tf_setup import configure_graph_training
+
+        configure_graph_training()
+
+
+def console_verbosity(verbose: int | None) -> int:
+    """Keras' fit verbosity: as given, else a progress bar on a terminal and one line per epoch elsewhere."""
+    return verbose if verbose is not None else (1 if sys.stderr.isatty() else 2)
+
+
+def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_train: int, loss: Any, metrics: Any,
+             out_dir: Path, prefix: str = "", learning_rate: float | None = None,
+             verbose: int | None = None) -> FitOutcome:
+    """Compile ``model`` with the recipe's optimiser and schedule, fit it on the streams with the
+    best-val-loss checkpoint and CSV log (:func:`build_callbacks`, files named with ``prefix``),
+    then load the best epoch's weights back. ``learning_rate`` overrides the recipe's (per unit)."""
+    import time
+
+    model.compile(
+        optimizer=build_optimizer(recipe.optimizer, learning_rate or recipe.learning_rate, schedule=recipe.lr_schedule,
+                                  epochs=recipe.epochs, steps_per_epoch=steps_per_epoch(n_train, recipe.batch_size),
+                                  warmup_epochs=recipe.warmup_epochs, weight_decay=recipe.weight_decay),
+        loss=loss, metrics=metrics, run_eagerly=recipe.run_eagerly, jit_compile=False,
+    )
+    callbacks, ckpt = build_callbacks(out_dir, schedule=recipe.lr_schedule, prefix=prefix,
+                                      early_stopping_patience=recipe.early_stopping_patience,
+                                      reduce_lr_patience=recipe.reduce_lr_patience,
+                                      reduce_lr_factor=recipe.reduce_lr_factor)
+    t0 = time.perf_counter()
+    hist = fit_streamed(model, train, validation_data=validation, epochs=recipe.epochs, callbacks=callbacks,
+                        shuffle=False,  # data.datasets.make_dataset shuffles, seeded per epoch
+                        verbose=console_verbosity(verbose))
+    seconds = round(time.perf_counter() - t0, 1)
+    if ckpt.is_file():
+        model.load_weights(ckpt)
+    return FitOutcome({k: [float(v) for v in vals] for k, vals in hist.history.items()}, seconds, ckpt)

@@ -1,7 +1,7 @@
 """In-graph input normalisation shared by the classifier members and the segmenters.
 
 Models take the data.spec pixel contract (RGB float32 in [0, 255]) and normalise inside
-their own graph (shared/STYLE.md §3), so callers pass one tensor and cannot mismatch.
+their own graph, so callers pass one tensor and cannot mismatch.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from data.bundle import MODEL_FILE, BundleError, sha256_file, write_json_atomic
+from data.runtime.bundle import MODEL_FILE, BundleError, sha256_file, write_json_atomic
 
 ONNX_FILE = "model.onnx"
 ONNX_RECORD = "model.onnx.json"

@@ -1,4 +1,4 @@
-"""Model directories: ``model.keras`` plus a JSON sidecar checked on load (shared/STYLE.md §2).
+"""Model directories: ``model.keras`` plus a JSON sidecar checked on load.
 
 The sidecar carries the input contract (class names, size, resize mode), the training
 configuration and its hash, package versions and the sha256 of every file, so a model is
