@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/cxr demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

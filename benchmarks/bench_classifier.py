@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _measure import matmul_gflops, model_flops, time_call  # noqa: E402
 
 
@@ -50,16 +49,18 @@ def main() -> int:
         row = {"model": label, "gflops_per_image": flops / 1e9}
         for batch in (1, 8):
             x = np.random.default_rng(0).uniform(0, 255, (batch, *shape)).astype(np.float32)
-            rate = time_call(lambda: model.predict_on_batch(x), args.repeats, batch)
+            rate = time_call(lambda model=model, x=x: model.predict_on_batch(x), args.repeats, batch)
             row[f"infer_b{batch}_img_s"] = rate
             row[f"infer_b{batch}_gflop_s"] = rate * flops / 1e9
         if not args.no_train:
             outs = loss_outputs(names, "softvote")
             trainer = keras.Model(model.input, {o: model.output[o] for o in outs})
-            trainer.compile(keras.optimizers.Adam(1e-4), loss={o: "categorical_crossentropy" for o in outs}, jit_compile=False)
+            trainer.compile(keras.optimizers.Adam(1e-4), loss={o: "categorical_crossentropy" for o in outs},
+                            jit_compile=False)
             x = np.random.default_rng(0).uniform(0, 255, (8, *shape)).astype(np.float32)
             y = {o: np.eye(3, dtype=np.float32)[np.arange(8) % 3] for o in outs}
-            row["train_b8_img_s"] = time_call(lambda: trainer.train_on_batch(x, y), args.repeats, 8, min_seconds=2.0)
+            step = lambda trainer=trainer, x=x, y=y: trainer.train_on_batch(x, y)  # noqa: E731
+            row["train_b8_img_s"] = time_call(step, args.repeats, 8, min_seconds=2.0)
         rows.append(row)
         keras.backend.clear_session()
         print(f"  measured {label}", file=sys.stderr, flush=True)

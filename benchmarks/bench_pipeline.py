@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _measure import matmul_gflops, model_flops  # noqa: E402
+from _measure import median_rate as rate  # noqa: E402
 
 from data.runtime.engines import ENGINES  # noqa: E402
-
-from _measure import matmul_gflops, median_rate as rate, model_flops  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 

@@ -15,8 +15,9 @@ used by everything trained in this run:
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
 epochs in force are printed first. The default profile took about 87 minutes on the 2-core reference
-CPU (2026-11-26, stage by stage); ``--quick`` took 751 s (12.5 minutes) the same day. Results are written after each stage (``--json``), so an interrupted
-run keeps what it finished. Skips with a reason when the data folders are absent.
+CPU (2026-11-26, stage by stage); ``--quick`` took 751 s (12.5 minutes) the same day. Results are
+written after each stage (``--json``), so an interrupted run keeps what it finished. Skips with a
+reason when the data folders are absent.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from data.datasets import DatasetError, load_example  # noqa: E402
 from data.io import ImageReadError  # noqa: E402
 from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
 from pipeline.common import patient_ids  # noqa: E402
+from pipeline.report import ci_text  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cxr", SHARED / "large" / "cxr"]
@@ -162,8 +164,8 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
 
 def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
                   max_train: int | None = None) -> dict:
+    from data.masks import segmentation_scores
     from pipeline.segmenter_jobs import mean_ci
-    from segmenter.metrics import segmentation_scores
     from segmenter.settings import SegmenterSettings, with_preset
     from segmenter.train import train_segmenter
 
@@ -192,11 +194,6 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
             "train_seconds": round(seconds, 1), "train_img_per_s": round(len(train) * epochs / seconds, 2)}
 
 
-def fmt_ci(m: dict) -> str:
-    ci = m.get("ci95")
-    return f"{m['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m['value']:.3f}"
-
-
 def print_tables(result: dict) -> None:
     print("\n| model | accuracy [95 % CI] | sens. normal / pneumonia / covid | macro AUC | ECE | per-source accuracy | "
           "train s | train img/s |")
@@ -205,13 +202,13 @@ def print_tables(result: dict) -> None:
         sens = " / ".join("-" if v is None else f"{v:.2f}" for v in r["sensitivity"].values())
         src = ", ".join(f"{s} {v['value']:.2f} (n {v['n']})" for s, v in r["per_source_accuracy"].items())
         auc = "-" if r["macro_auc"] is None else f"{r['macro_auc']:.3f}"
-        print(f"| {r['model']} | {fmt_ci(r['accuracy'])} | {sens} | {auc} | {r['ece']:.3f} | {src} | "
+        print(f"| {r['model']} | {ci_text(r['accuracy'])} | {sens} | {auc} | {r['ece']:.3f} | {src} | "
               f"{r['train_seconds']} | {r['train_img_per_s']} |")
     if result.get("segmenters"):
         print("\n| segmenter | n train / test | Dice [95 % CI] | IoU [95 % CI] | train s | train img/s |")
         print("|---|---|---|---|---|---|")
         for r in result["segmenters"]:
-            print(f"| {r['model']} | {r['n_train']} / {r['n_test']} | {fmt_ci(r['dice'])} | {fmt_ci(r['iou'])} | "
+            print(f"| {r['model']} | {r['n_train']} / {r['n_test']} | {ci_text(r['dice'])} | {ci_text(r['iou'])} | "
                   f"{r['train_seconds']} | {r['train_img_per_s']} |")
 
 
@@ -228,7 +225,8 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int)
     ap.add_argument("--members", type=lambda s: tuple(s.split(",")), help="ensemble members, comma-separated")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a classifier setting over the scratch preset, as TOML (e.g. learning_rate=3e-3, augment=false)")
+                    help="a classifier setting over the scratch preset, as TOML "
+                         "(e.g. learning_rate=3e-3, augment=false)")
     args = ap.parse_args(argv)
     import tomllib
 
@@ -282,7 +280,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             result["classifiers"] += step()
             print(f"[{name}] done in {time.perf_counter() - t0:.0f} s: "
-                  + "; ".join(f"{r['model']} {fmt_ci(r['accuracy'])}" for r in result["classifiers"][-4:]), flush=True)
+                  + "; ".join(f"{r['model']} {ci_text(r['accuracy'])}" for r in result["classifiers"][-4:]), flush=True)
             save()
         for kind, epochs in (("infection", profile["seg_epochs"]), ("lung", profile["lung_epochs"])):
             if kind in args.skip:
@@ -294,7 +292,7 @@ def main(argv=None) -> int:
                 print(f"[{kind}] skipped: {err}")
                 continue
             result["segmenters"].append(row)
-            print(f"[{kind}] Dice {fmt_ci(row['dice'])}", flush=True)
+            print(f"[{kind}] Dice {ci_text(row['dice'])}", flush=True)
             save()
     save()
     print_tables(result)

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from _measure import matmul_gflops, model_flops, time_call  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def main() -> int:
             row = {"model": name, "size": size, "gflops": flops / 1e9}
             for batch in (1, 4):
                 x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-                row[f"b{batch}"] = time_call(lambda: model.predict_on_batch(x), args.repeats, batch)
+                row[f"b{batch}"] = time_call(lambda model=model, x=x: model.predict_on_batch(x), args.repeats, batch)
             rows.append(row)
             keras.backend.clear_session()
             print(f"  measured {name} at {size}", file=sys.stderr, flush=True)
@@ -49,7 +48,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         g = r["b4"] * r["gflops"]
-        print(f"| {r['model']} | {r['size']} | {r['gflops']:.1f} | {r['b1']:.2f} | {r['b4']:.2f} | {g:.0f} ({g / ceiling:.0%}) |")
+        print(f"| {r['model']} | {r['size']} | {r['gflops']:.1f} | {r['b1']:.2f} | {r['b4']:.2f} | "
+              f"{g:.0f} ({g / ceiling:.0%}) |")
     return 0
 
 

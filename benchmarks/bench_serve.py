@@ -128,7 +128,8 @@ def main() -> int:
     print(f"| max batch | 1 at a time p50 / p95 (s) | {n} at once p50 / p95 (s) | {n} at once img/s | mean batch |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['max_batch']} | {r['seq_p50']:.3f} / {r['seq_p95']:.3f} | {r['conc_p50']:.3f} / {r['conc_p95']:.3f} "
+        print(f"| {r['max_batch']} | {r['seq_p50']:.3f} / {r['seq_p95']:.3f} | "
+              f"{r['conc_p50']:.3f} / {r['conc_p95']:.3f} "
               f"| {r['conc_img_s']:.2f} | {r['mean_batch']:.1f} |")
     return 0
 

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 from data import spec  # noqa: E402
 from data.datasets import load_example, load_records  # noqa: E402
-from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
 from data.runtime.training import reestimate_batchnorm  # noqa: E402
+from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
 from ensemble.calibration import apply_temperature, fit_temperature  # noqa: E402
 from ensemble.members import build_member  # noqa: E402
 
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         keras.utils.set_random_seed(0)
         member = build_member(name, weights=None, input_shape=(args.size, args.size, 3))
         model = keras.Model(member.input, member.output[f"{name}_probs"])
-        model.compile(keras.optimizers.Adam(args.lr), "categorical_crossentropy", metrics=["accuracy"], run_eagerly=True)
+        model.compile(keras.optimizers.Adam(args.lr), "categorical_crossentropy", metrics=["accuracy"],
+                      run_eagerly=True)
         curve = []
         for epoch in range(args.epochs):
             t0 = time.perf_counter()
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         reestimate_batchnorm(model, (xt[i:i + 16] for i in range(0, len(xt), 16)), max_batches=len(xt))
         p_re = predict(model, xv, training=False)
         out[name] = {"curve": curve, "temperature": round(t, 3),
-                     "mean_top_probability_after_temperature": round(float(apply_temperature(p_inf, t).max(1).mean()), 3),
+                     "mean_top_probability_after_temperature":
+                         round(float(apply_temperature(p_inf, t).max(1).mean()), 3),
                      "val_acc_after_bn_reestimate": round(float((p_re.argmax(1) == yv).mean()), 3),
                      "temperature_after_bn_reestimate": round(fit_temperature(p_re, yv), 3)}
         print(name, {k: v for k, v in out[name].items() if k != "curve"}, flush=True)

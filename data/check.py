@@ -85,7 +85,8 @@ def check_records(
                 failures.add(err.path, f"mask: {err.reason}")
                 continue
             if mask.shape != (h, w):
-                failures.add(str(mpath), f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {w}x{h} ({r.path})")
+                failures.add(str(mpath),
+                             f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {w}x{h} ({r.path})")
                 continue
             report.masks_per_kind[kind] += 1
     if sizes:

@@ -24,7 +24,6 @@ from data.errors import CxrError
 from data.io import ImageReadError, read_image, read_mask
 from data.preprocess import preprocess_image, preprocess_mask
 
-
 #: The bundled licensed sample (see data/samples/NOTICE): 9 X-rays, 3 per class.
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 SAMPLE_MASKS_DIR = Path(__file__).resolve().parent / "sample_masks"
@@ -253,7 +252,8 @@ class _ExampleLoader:
     def __init__(self, records, *, size, mode, clahe, augment_params, seed, mask_kind, failures) -> None:
         self.records, self.size, self.mode, self.clahe = records, size, mode, clahe
         self.augment_params, self.seed, self.mask_kind, self.failures = augment_params, seed, mask_kind, failures
-        self.mask_shape = (size, size) if mask_kind is None or isinstance(mask_kind, str) else (size, size, len(mask_kind))
+        single = mask_kind is None or isinstance(mask_kind, str)
+        self.mask_shape = (size, size) if single else (size, size, len(mask_kind))
         self.labels = np.array([spec.class_index(r.label) if r.label is not None else -1 for r in records], np.int32)
 
     def order(self, epoch: int, shuffle: bool) -> np.ndarray:

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class CxrError(Exception):
     """An input, setting, model or environment problem; ``str()`` names what and how to fix it."""
+
+
+class UsageError(CxrError):
+    """A bad argument value or an unusable combination of arguments (exit 2 on the command line)."""

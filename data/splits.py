@@ -66,7 +66,8 @@ def hash_records(
     return hashes
 
 
-def near_duplicate_pairs(hashes: dict[str, int], max_distance: int = DEFAULT_HASH_DISTANCE) -> list[tuple[str, str, int]]:
+def near_duplicate_pairs(hashes: dict[str, int],
+                         max_distance: int = DEFAULT_HASH_DISTANCE) -> list[tuple[str, str, int]]:
     """Pairs (key_a, key_b, distance) whose hashes differ in ≤ ``max_distance`` bits."""
     keys = list(hashes)
     if len(keys) < 2:
@@ -96,7 +97,8 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def group_records(records: Sequence[Record], hashes: dict[str, int], max_distance: int = DEFAULT_HASH_DISTANCE) -> dict[str, str]:
+def group_records(records: Sequence[Record], hashes: dict[str, int],
+                  max_distance: int = DEFAULT_HASH_DISTANCE) -> dict[str, str]:
     """Group id of every record key: connected components of same patient / group / near-duplicate."""
     uf = _UnionFind([r.key for r in records])
     for attr in ("patient_id", "group_id"):
@@ -168,7 +170,8 @@ def assign_splits(
     return result
 
 
-def write_splits(path: str | os.PathLike[str], records: Sequence[Record], splits: dict[str, str], groups: dict[str, str]) -> None:
+def write_splits(path: str | os.PathLike[str], records: Sequence[Record], splits: dict[str, str],
+                 groups: dict[str, str]) -> None:
     """Write ``file,label,patient_id,source,group,split`` rows (atomic replace)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -83,7 +83,8 @@ class Classifier(LoadedBundle):
 
 def save_classifier(model, directory: str | os.PathLike[str], *, members, variant: str, image_size: int,
                     config: dict[str, Any], temperature: float = 1.0, member_weights=None,
-                    resize_mode: str = spec.DEFAULT_RESIZE_MODE, clahe: bool = False, weight_files: dict[str, str] | None = None,
+                    resize_mode: str = spec.DEFAULT_RESIZE_MODE, clahe: bool = False,
+                    weight_files: dict[str, str] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
     """Save a trained ensemble as a classifier bundle; returns the sidecar path.
 

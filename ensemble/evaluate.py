@@ -70,7 +70,8 @@ def _point_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
     return out
 
 
-def bootstrap_indices(n: int, *, n_boot: int, seed: int = 0, groups: Sequence[str] | None = None) -> Iterator[np.ndarray]:
+def bootstrap_indices(n: int, *, n_boot: int, seed: int = 0,
+                      groups: Sequence[str] | None = None) -> Iterator[np.ndarray]:
     """``n_boot`` seeded bootstrap resamples of ``n`` items: whole groups (patients) drawn with
     replacement when ``groups`` (one id per item) is given, so one patient's images stay
     together; single items otherwise."""
@@ -128,7 +129,7 @@ def classification_metrics(
     names = spec.CLASS_NAMES[: probs.shape[1]]
     rates = per_class_rates(cm)
     per_class: dict[str, dict[str, object]] = {}
-    for c, name in enumerate(names):
+    for name in names:
         entry: dict[str, object] = {k: {"value": v} for k, v in rates[name].items() if k != "support"}
         entry["sensitivity"] = {"value": rates[name]["sensitivity"], "ci95": ci.get(f"sensitivity/{name}")}
         entry["auc"] = {"value": point[f"auc/{name}"], "ci95": ci.get(f"auc/{name}")}

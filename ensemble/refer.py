@@ -49,7 +49,8 @@ def input_check_from_vectors(vectors: Iterable[np.ndarray], *, percentile: float
     template = vectors.mean(axis=0)
     template = (template - template.mean()) / max(float(template.std()), 1e-6)
     corr = vectors @ template / template.size
-    return {"template": [round(float(v), 4) for v in template], "min_correlation": float(np.percentile(corr, percentile)),
+    return {"template": [round(float(v), 4) for v in template],
+            "min_correlation": float(np.percentile(corr, percentile)),
             "percentile": percentile, "colour_limit": COLOUR_LIMIT, "blank_limit": BLANK_LIMIT,
             "n_images": int(len(vectors))}
 
@@ -92,7 +93,8 @@ def refer_decisions(x: np.ndarray, probs: np.ndarray, rule: dict[str, Any] | Non
         elif colour > check["colour_limit"]:
             out.append((True, f"colour image (channel difference {colour:.0f}), not an X-ray"))
         elif corr < check["min_correlation"]:
-            out.append((True, f"unlike the training X-rays (layout correlation {corr:.2f} < {check['min_correlation']:.2f})"))
+            out.append((True, f"unlike the training X-rays (layout correlation {corr:.2f} "
+                              f"< {check['min_correlation']:.2f})"))
         elif conf < rule["confidence"]["confidence_threshold"]:
             out.append((True, f"low confidence ({conf:.2f} < {rule['confidence']['confidence_threshold']:.2f})"))
         else:

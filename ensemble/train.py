@@ -20,8 +20,15 @@ import numpy as np
 from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
-from data.runtime.training import (FitRecipe, apply_preset, check_recipe, fit_best, prepare_for_training,
-                                   reestimate_batchnorm, write_history_csv)
+from data.runtime.training import (
+    FitRecipe,
+    apply_preset,
+    check_recipe,
+    fit_best,
+    prepare_for_training,
+    reestimate_batchnorm,
+    write_history_csv,
+)
 from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
 from ensemble.classifier import Classifier, load_classifier, save_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs, parse_members
@@ -111,7 +118,8 @@ class ClassifierSettings:
             unknown = set(self.class_weights) - set(spec.CLASS_NAMES)
             missing = set(spec.CLASS_NAMES) - set(self.class_weights)
             if unknown or missing:
-                raise ValueError(f"class_weights needs exactly {list(spec.CLASS_NAMES)}; unknown {sorted(unknown)}, missing {sorted(missing)}")
+                raise ValueError(f"class_weights needs exactly {list(spec.CLASS_NAMES)}; unknown {sorted(unknown)}, "
+                                 f"missing {sorted(missing)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
         check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
@@ -309,7 +317,8 @@ def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitReci
         )
         seconds[name] = fitted.seconds
         for key, values in fitted.history.items():
-            key = key if len(outputs) > 1 else (f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}")
+            if len(outputs) == 1:  # name the output, as a multi-output fit does
+                key = f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}"
             history[key] = values
     if len(units) > 1:
         write_history_csv(out_dir / "training_log.csv", history)

@@ -50,7 +50,8 @@ def encode(values: np.ndarray) -> list[int]:
     length_field = np.where(single, 0, lens - 1)
     n_runs = len(lens)
     field_vals = np.stack([flag, cls, length_field, vals], axis=1).ravel()
-    field_widths = np.stack([np.ones(n_runs, np.int64), np.full(n_runs, 2), size, np.full(n_runs, _WORD)], axis=1).ravel()
+    field_widths = np.stack([np.ones(n_runs, np.int64), np.full(n_runs, 2), size, np.full(n_runs, _WORD)],
+                            axis=1).ravel()
     header_vals = np.array([len(arr), _WORD - 1, *[s - 1 for s in _SIZES]], dtype=np.int64)
     header_widths = np.array([32, 5, 4, 4, 4, 4], dtype=np.int64)
     fv = np.concatenate([header_vals, field_vals]).astype(np.uint64)

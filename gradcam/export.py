@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from data.files import write_json, write_png
 from gradcam.brush_rle import mask_to_rle
 from gradcam.masks import regions
 
 #: Colours of the lesion classes in the SageMaker colour map and Label Studio config.
+#: The annotation tools written for (`cxr gradcam --formats`) and read back (`cxr import-masks --format`).
+ANNOTATION_FORMATS = ("cvat", "labelstudio", "sagemaker")
 CLASS_COLOURS = {"normal": "#1f77b4", "pneumonia": "#ff7f0e", "covid": "#d62728"}
 BACKGROUND_COLOUR = "#ffffff"
 SAGEMAKER_ATTRIBUTE = "cxr-draft"
@@ -42,11 +44,6 @@ class Draft:
     label: str  # target class of the heatmap
     score: float  # classifier probability of that class
     mask: np.ndarray | None  # (height, width) bool, None when no draft was made
-
-
-def _json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
 
 
 def encode_coco_rle(mask: np.ndarray) -> dict:
@@ -81,7 +78,7 @@ def write_coco(drafts: Sequence[Draft], path: Path, categories: Sequence[str]) -
         "images": images,
         "annotations": annotations,
     }
-    return _json(path, coco)
+    return write_json(path, coco, sort_keys=True)
 
 
 def labelstudio_config(categories: Sequence[str]) -> str:
@@ -120,7 +117,7 @@ def write_labelstudio(drafts: Sequence[Draft], tasks_path: Path, config_path: Pa
             }]
         tasks.append(task)
     config_path.write_text(labelstudio_config(categories), encoding="utf-8")
-    return _json(tasks_path, tasks)
+    return write_json(tasks_path, tasks, sort_keys=True)
 
 
 def _hex_to_rgb(colour: str) -> tuple[int, int, int]:
@@ -151,7 +148,7 @@ def write_sagemaker(drafts: Sequence[Draft], manifest_path: Path, mask_dir: Path
         colour[:] = _hex_to_rgb(BACKGROUND_COLOUR)
         if d.mask is not None:
             colour[d.mask] = _hex_to_rgb(cmap[str(index[d.label])]["hex-color"])
-        cv2.imwrite(str(mask_dir / png_name), colour[..., ::-1])
+        write_png(mask_dir / png_name, colour)
         lines.append(json.dumps({
             "source-ref": source_prefix + d.name,
             f"{SAGEMAKER_ATTRIBUTE}-ref": mask_prefix + png_name,

@@ -18,11 +18,11 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from data.datasets import walk_images
-from data.errors import CxrError
+from data.errors import CxrError, UsageError
+from data.files import write_png
 from data.io import ImageReadError, read_image
 from gradcam.brush_rle import rle_to_mask
-
-FORMATS = ("cvat", "labelstudio", "sagemaker")
+from gradcam.export import ANNOTATION_FORMATS
 
 
 class AnnotationError(CxrError):
@@ -148,11 +148,12 @@ def read_sagemaker(path: Path) -> tuple[dict[str, np.ndarray], list[tuple[str, s
 _LS_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 
 
-def import_masks(export: str | Path, fmt: str, images: str | Path, out: str | Path, *, kind: str = "lesion") -> ImportResult:
+def import_masks(export: str | Path, fmt: str, images: str | Path, out: str | Path, *,
+                 kind: str = "lesion") -> ImportResult:
     """Read an annotation export and write ``out/<kind>/<image stem>.png`` for every matched image."""
     export, images, out = Path(export), Path(images), Path(out)
-    if fmt not in FORMATS:
-        raise AnnotationError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt not in ANNOTATION_FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; valid: {', '.join(ANNOTATION_FORMATS)}")
     if not export.is_file():
         raise AnnotationError(f"{export}: no such export file")
     if not images.is_dir():
@@ -182,7 +183,7 @@ def import_masks(export: str | Path, fmt: str, images: str | Path, out: str | Pa
         if not mask.any():
             result.problems.append((ref, "empty mask (written as all background)"))
         dest = target / (image.stem + ".png")
-        cv2.imwrite(str(dest), mask.astype(np.uint8) * 255)
+        write_png(dest, mask.astype(np.uint8) * 255)
         result.written.append(dest)
     return result
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from data.masks import components
+
 
 def draft_mask(heatmap: np.ndarray, threshold: float, lung: np.ndarray | None = None) -> np.ndarray:
     """(H, W) map in [0, 1] → bool mask of heatmap ≥ threshold, inside ``lung`` when given."""
@@ -32,14 +34,8 @@ class Region:
 
 def regions(mask: np.ndarray, min_area: int = 1) -> list[Region]:
     """Connected components of ``mask`` (8-connectivity) with at least ``min_area`` pixels, largest first."""
-    m = np.asarray(mask, dtype=np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    out = []
-    for i in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        if area >= min_area:
-            out.append(Region(i, (x, y, w, h), area, labels == i))
-    return sorted(out, key=lambda r: (-r.area, r.bbox))
+    labels, found = components(mask, min_area=min_area)
+    return [Region(c.label, c.box, c.area, labels == c.label) for c in found]
 
 
 def colorize(heatmap: np.ndarray) -> np.ndarray:
@@ -95,10 +91,3 @@ def pointing_hit(heatmap: np.ndarray, target: np.ndarray) -> bool | None:
         return None
     y, x = np.unravel_index(int(np.argmax(h)), h.shape)
     return bool(np.asarray(target, bool)[y, x])
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two masks; two empty masks score 1.0."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = int((a | b).sum())
-    return 1.0 if union == 0 else float((a & b).sum() / union)

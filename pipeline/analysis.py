@@ -57,6 +57,10 @@ class ImageAnalysis:
         }
 
 
+#: The pictures :func:`result_images` makes (the last two only when stage 2 ran).
+RESULT_IMAGES = ("gradcam", "mask", "mask_overlay")
+
+
 def result_images(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, np.ndarray]:
     """The pictures of one analysed image at its own size: "gradcam" (overlay) always;
     "mask" (uint8 0/255) and "mask_overlay" when stage 2 ran. `cxr run` writes them, `cxr serve` serves them."""

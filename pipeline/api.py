@@ -1,7 +1,6 @@
-"""Typed entry points behind the command line. Each validates its inputs before heavy work.
-
-The CLI (pipeline/cli.py) only parses arguments and prints; everything it does is
-callable from Python here.
+"""The one façade: a typed function for every `cxr` command, each checking its inputs before
+heavy work. The CLI (pipeline/cli.py) only parses arguments, calls these and prints, so
+everything it does is callable from Python here, with the same rules.
 """
 
 from __future__ import annotations
@@ -10,10 +9,14 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 from data.check import DataReport, check_records, orphan_masks
 from data.datasets import DatasetError, FailureLog, Record, load_records, pair_masks
+from data.errors import UsageError
+from data.masks import SEGMENTATION_SCORES
+from data.runtime.engines import ENGINES
+from data.spec import CLASS_NAMES, DEFAULT_MAX_PIXELS
 from data.splits import (
     assign_splits,
     find_leaks,
@@ -23,7 +26,22 @@ from data.splits import (
     split_counts,
     write_splits,
 )
+from gradcam.export import ANNOTATION_FORMATS
+from pipeline.config import ServeSettings
+from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
+from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
+from pipeline.outputs import describe_os_error
+from pipeline.report import ci_text, metrics_table
 
+# Besides the functions, what the command line reads: argument choices and defaults, and the text
+# helpers it prints with.
+__all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS", "ENGINES",
+           "EXPORT_FORMATS", "SEGMENTATION_SCORES", "ServeSettings", "ci_text", "describe_os_error", "metrics_table",
+           "CheckResult", "ExportResult", "Models", "SplitResult", "check_data", "demo",
+           "evaluate_classifier", "evaluate_segmenter", "export_model", "gather_folders", "gather_records",
+           "gradcam", "import_masks", "load_models", "predict", "progress_bar", "reproduce", "run_folder", "segment",
+           "serve", "split_data", "train_classifier", "train_segmenter"]
+PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 
 
@@ -95,8 +113,9 @@ def check_data(
     masks: str | os.PathLike[str] | None = None,
     splits: str | os.PathLike[str] | None = None,
     max_pixels: int | None = None,
+    json_out: str | os.PathLike[str] | None = None,
 ) -> CheckResult:
-    """Audit a data folder (see data.check.check_records)."""
+    """Audit a data folder (see data.check.check_records); ``json_out`` also writes the report as JSON."""
     records = gather_records(data_dir, manifest=manifest, masks=masks)
     split_map = read_splits(splits) if splits is not None else None
     report = check_records(
@@ -106,6 +125,10 @@ def check_data(
         progress=lambda rs: progress_bar(rs, desc="checking", total=len(records)),
     )
     orphans = orphan_masks(records, Path(masks)) if masks is not None else {}
+    if json_out is not None:
+        from data.files import write_json
+
+        write_json(Path(json_out), report.to_dict())
     return CheckResult(report, orphans)
 
 
@@ -134,7 +157,7 @@ def split_data(
     if not out.parent.is_dir():
         raise DatasetError(f"{out.parent}: output folder does not exist; create it first")
     if not (0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0):
-        raise DatasetError(f"--val {val} and --test {test} must be fractions in [0, 1) summing below 1")
+        raise UsageError(f"--val {val} and --test {test} must be fractions in [0, 1) summing below 1")
     records = gather_records(data_dir, manifest=manifest)
     failures = FailureLog()
     hashes = hash_records(records, failures, progress=lambda rs: progress_bar(rs, desc="hashing", total=len(records)))
@@ -144,3 +167,161 @@ def split_data(
     leaks = find_leaks(usable, assignment, hashes)
     write_splits(out, usable, assignment, groups)
     return SplitResult(out, split_counts(usable, assignment), len(set(groups.values())), failures.items, len(leaks))
+
+
+# --- The commands' work, one function each; pipeline.cli parses arguments, calls these and prints. ---
+
+
+def train_classifier(data_dir: PathLike | None, out: PathLike, *, manifest: PathLike | None = None,
+                     config: PathLike | None = None, overrides: dict[str, Any] | None = None,
+                     splits: PathLike | None = None, allow_leaks: bool = False, progress=None):
+    """`cxr train-classifier`: a classifier bundle in ``out`` from a class-folder tree or manifest
+    (see pipeline.classifier_jobs.train_classifier_job); ``overrides`` (None values ignored) win over ``config``."""
+    from pipeline.classifier_jobs import train_classifier_job
+
+    records = gather_records(data_dir, manifest=manifest)
+    return train_classifier_job(records, out, config=config, overrides=overrides, splits=splits,
+                                allow_leaks=allow_leaks, progress=progress)
+
+
+def evaluate_classifier(model_dir: PathLike, data_dir: PathLike | None, out: PathLike, *,
+                        manifest: PathLike | None = None, splits: PathLike | None = None, split: str = "test",
+                        n_boot: int = 1000, engine: str = "keras", include_training: bool = False,
+                        progress=None) -> dict[str, Any]:
+    """`cxr evaluate`: metrics (held-out images only unless ``include_training``), plots, metrics.json."""
+    from pipeline.classifier_jobs import evaluate_classifier_job
+
+    records = gather_records(data_dir, manifest=manifest)
+    return evaluate_classifier_job(model_dir, records, out, splits=splits, split=split, n_boot=n_boot, engine=engine,
+                                   include_training=include_training, progress=progress)
+
+
+def predict(model_dir: PathLike, files: Sequence[PathLike], *, batch_size: int = 8):
+    """`cxr predict`: pipeline.classifier_jobs.PredictionTable of ``files`` (unreadable ones in failures)."""
+    from ensemble.classifier import load_classifier
+    from pipeline.classifier_jobs import classify_files
+
+    return classify_files(load_classifier(model_dir), files, batch_size=batch_size)
+
+
+def gradcam(image_dir: PathLike, model_dir: PathLike, out: PathLike, **options: Any):
+    """`cxr gradcam`: heatmaps, overlays, draft masks and annotation exports (options:
+    pipeline.gradcam_jobs.gradcam_job's keywords)."""
+    from pipeline.gradcam_jobs import gradcam_job
+
+    return gradcam_job(image_dir, model_dir, out, **options)
+
+
+def import_masks(export: PathLike, fmt: str, images: PathLike, out: PathLike, *, kind: str = "lesion"):
+    """`cxr import-masks`: annotators' edited masks back as ``out/<kind>/<image stem>.png``."""
+    from gradcam.imports import import_masks as _import_masks
+
+    return _import_masks(export, fmt, images, out, kind=kind)
+
+
+def train_segmenter(images: PathLike, out: PathLike, *, masks: PathLike, manifest: PathLike | None = None,
+                    config: PathLike | None = None, overrides: dict[str, Any] | None = None,
+                    splits: PathLike | None = None, allow_leaks: bool = False, progress=None):
+    """`cxr train-segmenter`: a segmenter bundle in ``out``. Every mask kind under ``masks`` is
+    paired (a lung-lesion model needs the lung masks too; the job checks the kinds it needs)."""
+    from pipeline.segmenter_jobs import train_segmenter_job
+
+    records = gather_records(images, manifest=manifest, masks=masks)
+    return train_segmenter_job(records, out, config=config, overrides=overrides, splits=splits,
+                               allow_leaks=allow_leaks, progress=progress)
+
+
+def evaluate_segmenter(model_dir: PathLike, images: PathLike, out: PathLike, *, masks: PathLike, kind: str,
+                       manifest: PathLike | None = None, splits: PathLike | None = None, split: str = "test",
+                       n_boot: int = 1000, engine: str = "keras", include_training: bool = False,
+                       progress=None) -> dict[str, Any]:
+    """`cxr evaluate-segmenter`: Dice, IoU, precision, recall with CIs, HD95, per-image CSV, gallery."""
+    from pipeline.segmenter_jobs import evaluate_segmenter_job
+
+    records = gather_records(images, manifest=manifest, masks=masks, mask_kinds=[kind])
+    return evaluate_segmenter_job(model_dir, records, out, kind=kind, splits=splits, split=split, n_boot=n_boot,
+                                  engine=engine, include_training=include_training, progress=progress)
+
+
+def segment(model_dir: PathLike, files: Sequence[PathLike], *, lung_model: PathLike | None = None):
+    """`cxr segment`: (rows of (file, segmenter.model.SegmentedImage), failures)."""
+    from pipeline.segmenter_jobs import segment_files
+
+    return segment_files(model_dir, files, lung_model=lung_model)
+
+
+@dataclass
+class Models:
+    """The loaded bundles `cxr run` and `cxr serve` use, checked and on one engine."""
+
+    classifier: Any
+    segmenter: Any
+    lung_model: Any = None
+
+
+def load_models(classifier: PathLike, segmenter: PathLike, lung_model: PathLike | None = None, *,
+                engine: str = "keras") -> Models:
+    """Load and check the bundles (sidecars, hashes) and put each on ``engine`` before any image is read."""
+    from ensemble.classifier import load_classifier
+    from segmenter.model import load_segmenter
+
+    models = Models(load_classifier(classifier), load_segmenter(segmenter),
+                    load_segmenter(lung_model) if lung_model else None)
+    for model in (models.classifier, models.segmenter, models.lung_model):
+        if model is not None:
+            model.use_engine(engine)
+    return models
+
+
+def run_folder(image_dir: PathLike, out: PathLike, models: Models, *, segment_all: bool = False,
+               batch_size: int = 8, max_pixels: int | None = None, progress=None):
+    """`cxr run`: both stages over a folder, resumable (pipeline.run.run_pipeline)."""
+    from pipeline.run import run_pipeline
+
+    return run_pipeline(image_dir, out, classifier=models.classifier, segmenter=models.segmenter,
+                        lung_model=models.lung_model, segment_all=segment_all, batch_size=batch_size,
+                        progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+
+
+@dataclass
+class ExportResult:
+    """What `cxr export` wrote; ``record`` is the int8 export's record (calibration, distance to float)."""
+
+    path: Path
+    record: dict[str, Any] | None = None
+
+
+def export_model(model_dir: PathLike, fmt: str = "onnx", *, calibration: PathLike | None = None,
+                 calibration_count: int = DEFAULT_CALIBRATION_COUNT) -> ExportResult:
+    """`cxr export`: ONNX (checked against Keras), int8 ONNX (calibrated) or a SavedModel into the bundle."""
+    import json
+
+    from pipeline.export_jobs import export_model as _export
+
+    path = _export(model_dir, fmt, calibration=calibration, calibration_count=calibration_count)
+    record = None
+    if fmt == "onnx-int8":
+        record = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+    return ExportResult(path, record)
+
+
+def serve(models: Models, *, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServeSettings = ServeSettings()) -> None:
+    """`cxr serve`: the web API and upload page until interrupted."""
+    from pipeline.serve import serve as _serve
+
+    _serve(models.classifier, models.segmenter, models.lung_model, host=host, port=port, settings=settings)
+
+
+def demo(out: PathLike, *, cache: PathLike | None = None, progress=None):
+    """`cxr demo`: train (or reuse) the small demo models and run the pipeline on the bundled sample."""
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(out), cache=Path(cache) if cache else None, progress=progress)
+
+
+def reproduce(experiment: PathLike, out: PathLike | None = None, *, progress=None) -> Path:
+    """`cxr reproduce`: one experiments/*.toml; returns the run directory (its comparison.md is the summary)."""
+    from pipeline.experiments import reproduce as _reproduce
+
+    return _reproduce(experiment, out, progress=progress)

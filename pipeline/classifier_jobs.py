@@ -17,11 +17,18 @@ import numpy as np
 
 from data import spec
 from data.datasets import DatasetError, FailureLog, Record
+from data.files import write_json
 from data.splits import SPLIT_NAMES, read_splits, select_split
-from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
-                             write_failures)
+from pipeline.common import (
+    held_out_records,
+    patient_ids,
+    prepare_output_dir,
+    resolve_splits,
+    run_metadata,
+    write_failures,
+)
 from pipeline.config import build_settings, read_toml, settings_to_toml
-from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc, write_json
+from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc
 
 
 @dataclass
@@ -162,7 +169,8 @@ def evaluate_classifier_job(
     _write_predictions(out / "predictions.csv", kept, table)
     write_failures(out / "failures.csv", table.failures)
     plot_confusion(metrics["confusion_matrix"]["counts"], spec.CLASS_NAMES, out / "confusion_matrix.png")
-    plot_roc(roc_curves(labels, table.probs), {n: e["auc"]["value"] for n, e in metrics["per_class"].items()}, out / "roc.png")
+    plot_roc(roc_curves(labels, table.probs), {n: e["auc"]["value"] for n, e in metrics["per_class"].items()},
+             out / "roc.png")
     plot_reliability(reliability(labels, table.probs), out / "reliability.png",
                      title=f"after temperature {classifier.temperature:.2f}: ECE {metrics['ece']['value']:.3f}")
     return metrics

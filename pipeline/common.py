@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from data.runtime.bundle import SIDECAR, git_revision, package_versions
 from data.datasets import DatasetError, FailureLog, Record, open_csv
+from data.runtime.bundle import SIDECAR, git_revision, package_versions
 from data.splits import assign_splits, find_leaks, group_records, hash_records, read_splits, write_splits
 
 
@@ -37,7 +37,8 @@ def resolve_splits(records: Sequence[Record], splits: str | os.PathLike[str] | N
         assignment = read_splits(splits)
         unknown = [r.key for r in usable if r.key not in assignment]
         if len(unknown) == len(usable):
-            raise DatasetError(f"{splits}: names none of the images (e.g. {usable[0].key}); was it made for this folder?")
+            raise DatasetError(f"{splits}: names none of the images (e.g. {usable[0].key}); "
+                           "was it made for this folder?")
     else:
         assignment = assign_splits(usable, group_records(usable, hashes), seed=seed)
     leaks = find_leaks(usable, assignment, hashes)

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from data import spec
 from data.errors import CxrError
 
 T = TypeVar("T")
@@ -129,3 +130,19 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """Limits and behaviour of `cxr serve` (the command line's defaults are these)."""
+
+    max_upload_bytes: int = 64 * 1024 * 1024  # DICOM files of full-size detectors reach tens of MB
+    max_batch: int = 8
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
+    max_queue: int = 64  # requests waiting beyond this get 503 (retry later)
+    segment_all: bool = False  # stage 2 on every image (audits), not only pneumonia/covid
+    result_ttl_s: float = 3600.0
+    max_results: int = 128  # results kept in memory; the oldest go first
+    max_result_bytes: int = 256 * 1024 * 1024  # and their PNGs together stay under this
+    max_pixels: int = spec.DEFAULT_MAX_PIXELS  # larger uploads get 422, judged from the header
+    request_timeout_s: float = 60.0  # headers and body must arrive within this (slow clients are cut off)

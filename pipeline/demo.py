@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.runtime.bundle import SIDECAR
 from data.datasets import SAMPLE_MASKS_DIR, SAMPLES_DIR, load_records, pair_masks
+from data.runtime.bundle import SIDECAR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEMO_VERSION = 2
@@ -83,12 +83,14 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
 
     t0 = time.perf_counter()
     records, description, real, lesion_kind = _training_records()
-    clf_settings, seg_settings = (CLASSIFIER, SEGMENTER) if real else (SAMPLE_ONLY["classifier"], SAMPLE_ONLY["segmenter"])
+    clf_settings, seg_settings = ((CLASSIFIER, SEGMENTER) if real
+                                  else (SAMPLE_ONLY["classifier"], SAMPLE_ONLY["segmenter"]))
     key = hashlib.sha256(json.dumps([DEMO_VERSION, description, clf_settings, seg_settings, CLASSIFIER_IMAGES,
                                      SEGMENTER_IMAGES]).encode()).hexdigest()[:12]
     models = (cache or default_cache()) / f"demo-{key}"
     trained = False
-    if not all((models / m / SIDECAR).is_file() for m in ("classifier", "lesion", "lung", "held_out")):
+    held_out = models / "held_out" / "note.json"  # written last: its presence means the cache is complete
+    if not (held_out.is_file() and all((models / m / SIDECAR).is_file() for m in ("classifier", "lesion", "lung"))):
         shutil.rmtree(models, ignore_errors=True)  # a half-trained cache from an interrupted demo
         models.mkdir(parents=True)
         train_classifier_job(_stratified(records, CLASSIFIER_IMAGES) if real else records, models / "classifier",
@@ -102,16 +104,17 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
         if real:
             metrics = evaluate_classifier_job(models / "classifier", records, models / "held_out" / "eval", n_boot=500)
             acc = metrics["accuracy"]
-            note = (f"Demo classifier ({', '.join(clf_settings['members'])}, {clf_settings['image_size']} px, from scratch): "
-                    f"held-out accuracy {acc['value']:.3f} (95 % CI {acc['ci95'][0]:.3f}–{acc['ci95'][1]:.3f}, bootstrap "
+            lo, hi = acc["ci95"]
+            note = (f"Demo classifier ({', '.join(clf_settings['members'])}, {clf_settings['image_size']} px, "
+                    f"from scratch): held-out accuracy {acc['value']:.3f} (95 % CI {lo:.3f}–{hi:.3f}, bootstrap "
                     f"over patients) on {metrics['n']} X-rays of patients it never saw; trained on {description}.")
         else:
             note = ("../shared/data was not found, so the demo models were trained on the 9 bundled X-rays alone: "
                     "nine images cannot train a model, and these outputs show the pipeline working, not a diagnosis "
                     "or even a meaningful guess.")
-        (models / "held_out" / "model.json").write_text(json.dumps({"note": note}) + "\n")
+        held_out.write_text(json.dumps({"note": note}) + "\n")
         trained = True
-    note = json.loads((models / "held_out" / "model.json").read_text())["note"]
+    note = json.loads(held_out.read_text())["note"]
     if out.exists():
         shutil.rmtree(out)  # the demo output is regenerated each time
     res = run_pipeline(SAMPLES_DIR, out, classifier=load_classifier(models / "classifier"),

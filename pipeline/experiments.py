@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, build_settings, read_toml, settings_to_toml
+from pipeline.report import ci_text
 
 TASKS = ("dataset", "classifier", "segmenter", "protocol")
 #: The paper's headline figures (ensemble accuracy; segmentation Dice and IoU).
@@ -90,10 +91,10 @@ def _resolve(base: Path, value: str) -> Path | None:
 def reproduce(path: str | Path, out: str | Path | None = None, *, progress=None, verbose: int | None = None) -> Path:
     """Run one experiment file; returns the run directory (default runs/<name>)."""
     from data.check import check_records
+    from data.files import write_json
     from pipeline.api import gather_records
     from pipeline.classifier_jobs import evaluate_classifier_job, train_classifier_job
     from pipeline.common import prepare_output_dir, run_metadata
-    from pipeline.report import write_json
     from pipeline.segmenter_jobs import evaluate_segmenter_job, train_segmenter_job
 
     path = Path(path)
@@ -138,23 +139,17 @@ def reproduce(path: str | Path, out: str | Path | None = None, *, progress=None,
     return run
 
 
-def _fmt(entry: dict[str, Any]) -> str:
-    if entry.get("value") is None:
-        return "n/a"
-    ci = entry.get("ci95")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
 def _classifier_comparison(m: dict[str, Any]) -> list[str]:
     lines = ["## Classification (held-out patient-level test split)", "",
              "| model | accuracy (95 % CI) | macro AUC | paper accuracy |", "|---|---|---|---|",
-             f"| ensemble ({m['model']['variant']}) | {_fmt(m['accuracy'])} | {_fmt(m['macro']['auc'])} | {PAPER['accuracy']:.3f} |"]
+             f"| ensemble ({m['model']['variant']}) | {ci_text(m['accuracy'])} | {ci_text(m['macro']['auc'])} | "
+             f"{PAPER['accuracy']:.3f} |"]
     for member, mm in m.get("per_member", {}).items():
-        lines.append(f"| {member} alone | {_fmt(mm['accuracy'])} | {_fmt(mm['macro']['auc'])} | |")
+        lines.append(f"| {member} alone | {ci_text(mm['accuracy'])} | {ci_text(mm['macro']['auc'])} | |")
     lines += ["", f"n = {m['n']} test images."]
     if "per_source" in m:
         lines += ["", "| source | accuracy | n |", "|---|---|---|"]
-        lines += [f"| {s} | {_fmt(sm['accuracy'])} | {sm['n']} |" for s, sm in m["per_source"].items()]
+        lines += [f"| {s} | {ci_text(sm['accuracy'])} | {sm['n']} |" for s, sm in m["per_source"].items()]
         lines += ["", "A large gap between sources means the model may be reading the source (e.g. pediatric "
                       "pneumonia images) rather than the disease."]
     return lines + [""]
@@ -163,7 +158,7 @@ def _classifier_comparison(m: dict[str, Any]) -> list[str]:
 def _segmenter_comparison(m: dict[str, Any]) -> list[str]:
     return ["## Segmentation (held-out patient-level test split)", "",
             "| metric | ours (95 % CI) | paper |", "|---|---|---|",
-            f"| Dice | {_fmt(m['dice'])} | {PAPER['dice']:.2f} |",
-            f"| IoU | {_fmt(m['iou'])} | {PAPER['iou']:.2f} |",
-            f"| precision | {_fmt(m['precision'])} | |", f"| recall | {_fmt(m['recall'])} | |",
+            f"| Dice | {ci_text(m['dice'])} | {PAPER['dice']:.2f} |",
+            f"| IoU | {ci_text(m['iou'])} | {PAPER['iou']:.2f} |",
+            f"| precision | {ci_text(m['precision'])} | |", f"| recall | {ci_text(m['recall'])} | |",
             "", f"n = {m['n']} test images, mask kind {m['kind']}.", ""]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from data.runtime.bundle import SIDECAR, BundleError
 
-
 FORMATS = ("onnx", "onnx-int8", "savedmodel")
 #: Calibration images for int8 when not told otherwise (ONNX Runtime's examples use a few dozen).
 DEFAULT_CALIBRATION_COUNT = 32
@@ -94,7 +93,7 @@ def _load_inputs(model, files: list[Path]):
     import numpy as np
 
     from data.datasets import DatasetError, FailureLog
-    
+
     failures = FailureLog()
     xs = [b.x for b in model.stream(files, failures=failures)]
     if failures.items:

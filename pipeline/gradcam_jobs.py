@@ -1,4 +1,5 @@
-"""`cxr gradcam` and `cxr import-masks`: heatmaps and draft masks for annotators, and back.
+"""`cxr gradcam`: heatmaps, overlays and draft masks for annotators, and the files each annotation
+tool imports (the edited masks come back through gradcam.imports, `cxr import-masks`).
 
 Predictions and every member's heatmap come from one batched forward pass (closed-form
 Grad-CAM over the conv maps the classifier already returns, see gradcam.cam).
@@ -13,19 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 
 from data import spec
 from data.datasets import DatasetError, FailureLog, walk_images
+from data.errors import UsageError
+from data.files import write_json, write_png
 from data.io import ImageReadError, read_mask
+from data.masks import iou
 from gradcam.cam import METHODS, member_heatmaps
-from gradcam.export import Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
-from gradcam.masks import colorize, draft_mask, iou, mass_inside, overlay, pointing_hit
+from gradcam.export import ANNOTATION_FORMATS, Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
+from gradcam.masks import colorize, draft_mask, mass_inside, overlay, pointing_hit
 from pipeline.outputs import claim_output, output_name
-from pipeline.report import write_json
-
-EXPORT_FORMATS = ("cvat", "labelstudio", "sagemaker")
 
 
 @dataclass
@@ -35,13 +35,6 @@ class GradcamResult:
     n_drafts: int
     failures: list[tuple[str, str]]
     audit: dict[str, Any] = field(default_factory=dict)
-
-
-def _png(path: Path, rgb: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), rgb[..., ::-1] if rgb.ndim == 3 else rgb):
-        raise OSError(f"{path}: could not write PNG")
-    return path
 
 
 def _mask_index(folder: Path | None) -> dict[str, Path]:
@@ -63,7 +56,7 @@ def gradcam_job(
     method: str = "gradcam",
     lung_masks: str | os.PathLike[str] | None = None,
     lesion_masks: str | os.PathLike[str] | None = None,
-    formats: Sequence[str] = EXPORT_FORMATS,
+    formats: Sequence[str] = ANNOTATION_FORMATS,
     image_prefix: str = "",
     batch_size: int = 8,
     progress=None,
@@ -72,26 +65,19 @@ def gradcam_job(
     from ensemble.classifier import load_classifier
 
     image_dir, out = Path(image_dir), Path(out)
-    if target != "predicted" and target not in spec.CLASS_NAMES:
-        raise DatasetError(f"--target {target!r}: use 'predicted' or one of {', '.join(spec.CLASS_NAMES)}")
-    if not 0.0 < threshold <= 1.0:
-        raise DatasetError(f"--threshold {threshold} must be in (0, 1]")
-    if method not in METHODS:
-        raise DatasetError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    unknown_formats = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown_formats:
-        raise DatasetError(f"unknown format(s) {', '.join(unknown_formats)}; valid: {', '.join(EXPORT_FORMATS)}")
+    _check_options(target=target, threshold=threshold, method=method, formats=formats)
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: no such image folder")
     paths = list(walk_images(image_dir))
     if not paths:
         raise DatasetError(f"{image_dir}: no images (PNG, JPEG, BMP, TIFF, DICOM) found")
-    lungs, lesions = _mask_index(Path(lung_masks) if lung_masks else None), _mask_index(Path(lesion_masks) if lesion_masks else None)
+    lungs = _mask_index(Path(lung_masks) if lung_masks else None)
+    lesions = _mask_index(Path(lesion_masks) if lesion_masks else None)
     clf = load_classifier(model_dir)
     chosen = tuple(members) if members else clf.members
     bad = [m for m in chosen if m not in clf.members]
     if bad:
-        raise DatasetError(f"member(s) {', '.join(bad)} not in this model; it has {', '.join(clf.members)}")
+        raise UsageError(f"member(s) {', '.join(bad)} not in this model; it has {', '.join(clf.members)}")
     weights = [w for m, w in zip(clf.members, clf.member_weights) if m in chosen]
     heads = clf.head_weights()
     with claim_output(out, job="gradcam"):
@@ -102,59 +88,80 @@ def gradcam_job(
         batches = clf.stream(paths, batch_size=batch_size, failures=failures, keep_original=True)
         for batch in (progress(batches) if progress else batches):
             pred = clf.predict(batch.x)
-            cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x), spec.class_index(target))
+            cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x),
+                                                                                  spec.class_index(target))
             maps, fused = member_heatmaps({m: pred.features[m] for m in chosen}, heads, cls,
                                           member_weights=weights, size=clf.image_size, method=method)
             for j, (path, geo, original) in enumerate(zip(batch.paths, batch.geometries, batch.originals)):
-                rel = path.relative_to(image_dir)
-                name = rel.as_posix()
+                name = path.relative_to(image_dir).as_posix()
                 label = spec.CLASS_NAMES[int(cls[j])]
                 score = float(pred.probs[j, cls[j]])
                 per_image = {"ensemble": geo.map_to_original(fused[j])}
                 per_image.update({m: geo.map_to_original(maps[m][j]) for m in chosen})
                 lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
                 lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
-                map_path = out / output_name(f"maps/{name}", ".npz")
-                map_path.parent.mkdir(parents=True, exist_ok=True)
-                files = {
-                    "heatmap": _png(out / output_name(f"heatmaps/{name}", ".heatmap.png"), colorize(per_image["ensemble"])),
-                    "map": save_maps(map_path, per_image),
-                    "overlay:ensemble": _png(out / output_name(f"overlays/{name}", ".gradcam.png"),
-                                             overlay(original, per_image["ensemble"])),
-                }
-                for m in chosen:
-                    files[f"overlay:{m}"] = _png(out / output_name(f"overlays/{name}", f".{m}.png"),
-                                                 overlay(original, per_image[m]))
-                mask = None
-                if label in spec.SEGMENT_CLASSES:
-                    mask = draft_mask(per_image["ensemble"], threshold, lung)
-                    files["mask"] = _png(out / output_name(f"masks/{name}", ".png"), mask.astype(np.uint8) * 255)
+                mask = draft_mask(per_image["ensemble"], threshold, lung) if label in spec.SEGMENT_CLASSES else None
+                files = _write_image_files(out, name, per_image, original, mask)
                 drafts.append(Draft(name, original.shape[1], original.shape[0], label, score, mask))
                 predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
-                files = {k: v.relative_to(out).as_posix() for k, v in files.items()}  # manifest paths relative to OUT
                 for m in ("ensemble", *chosen):
                     rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
                                  files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "", files["map"],
                                  files.get("mask", "")])
-                    audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion, mask if m == "ensemble" else None))
+                    audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion,
+                                                 mask if m == "ensemble" else None))
         _write_manifest(out / "manifest.csv", rows)
         with (out / "failures.csv").open("w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([["file", "reason"], *failures.items])
         categories = list(spec.SEGMENT_CLASSES) if target == "predicted" else [target]
         drafts = [d for d in drafts if d.mask is None or d.label in categories]
-        if "cvat" in formats:
-            write_coco(drafts, out / "coco_instances.json", categories)
-        if "labelstudio" in formats:
-            write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
-                              image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
-        if "sagemaker" in formats:
-            write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
-                            source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
+        _write_exports(out, drafts, categories, formats=formats, image_prefix=image_prefix, clf=clf)
         audit = summarise_audit(audit_rows) if (lungs or lesions) else {}
         if audit:
             write_json(out / "audit.json", audit)
         n_drafts = sum(1 for d in drafts if d.mask is not None)
         return GradcamResult(out, len(drafts), n_drafts, list(failures.items), audit)
+
+
+def _check_options(*, target: str, threshold: float, method: str, formats: Sequence[str]) -> None:
+    if target != "predicted" and target not in spec.CLASS_NAMES:
+        raise UsageError(f"--target {target!r}: use 'predicted' or one of {', '.join(spec.CLASS_NAMES)}")
+    if not 0.0 < threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold} must be in (0, 1]")
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    unknown_formats = [f for f in formats if f not in ANNOTATION_FORMATS]
+    if unknown_formats:
+        raise UsageError(f"unknown format(s) {', '.join(unknown_formats)}; valid: {', '.join(ANNOTATION_FORMATS)}")
+
+
+def _write_image_files(out: Path, name: str, per_image: dict[str, np.ndarray], original: np.ndarray,
+                       mask: np.ndarray | None) -> dict[str, str]:
+    """One image's heatmap, raw maps (.npz), an overlay per map and the draft mask; paths relative to OUT."""
+    map_path = out / output_name(f"maps/{name}", ".npz")
+    map_path.parent.mkdir(parents=True, exist_ok=True)
+    files = {"heatmap": write_png(out / output_name(f"heatmaps/{name}", ".heatmap.png"),
+                                  colorize(per_image["ensemble"])),
+             "map": save_maps(map_path, per_image)}
+    for m, heat in per_image.items():
+        suffix = ".gradcam.png" if m == "ensemble" else f".{m}.png"
+        files[f"overlay:{m}"] = write_png(out / output_name(f"overlays/{name}", suffix), overlay(original, heat))
+    if mask is not None:
+        files["mask"] = write_png(out / output_name(f"masks/{name}", ".png"), mask.astype(np.uint8) * 255)
+    return {k: v.relative_to(out).as_posix() for k, v in files.items()}
+
+
+def _write_exports(out: Path, drafts: list[Draft], categories: list[str], *, formats: Sequence[str],
+                   image_prefix: str, clf) -> None:
+    """The folder-level files each annotation tool imports."""
+    if "cvat" in formats:
+        write_coco(drafts, out / "coco_instances.json", categories)
+    if "labelstudio" in formats:
+        write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
+                          image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
+    if "sagemaker" in formats:
+        write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
+                        source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
 
 
 def _optional_mask(path: Path | None, shape: tuple[int, int], failures: FailureLog) -> np.ndarray | None:

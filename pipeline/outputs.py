@@ -54,7 +54,8 @@ def describe_os_error(err: OSError, path: str | os.PathLike[str] | None = None) 
     """One line for a failed write: 'no space left on device' said as such, with the path."""
     where = path or err.filename or ""
     if err.errno == errno.ENOSPC:
-        return f"no space left on device writing {where}; free space and rerun the same command (finished images are kept)"
+        return (f"no space left on device writing {where}; free space and rerun the same command "
+                "(finished images are kept)")
     if err.errno == errno.EDQUOT:
         return f"disk quota exceeded writing {where}; free space and rerun the same command"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -74,7 +75,8 @@ def claim_output(out: Path, *, job: str) -> Iterator[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err}); choose another --out") from None
+        raise DatasetError(f"{out}: cannot create output folder ({err.strerror or err}); "
+                           "choose another --out") from None
     try:
         handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
     except OSError as err:
@@ -111,7 +113,8 @@ def _lock(handle, out: Path) -> None:
         try:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
-            raise DatasetError(f"{out}: another cxr job is writing here; wait for it to end or use another --out") from None
+            raise DatasetError(f"{out}: another cxr job is writing here; "
+                               "wait for it to end or use another --out") from None
         return
     import fcntl
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _figure(**kwargs: Any):
+    """A matplotlib Figure (imported here, so commands that draw nothing never load matplotlib)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -22,7 +28,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def plot_history(history: dict[str, list[float]], path: Path) -> Path:
     """Per-epoch curves, train vs validation: one panel per metric present (accuracy or Dice) and loss."""
     metrics = [m for m in ("accuracy", "dice_coefficient") if any(k.endswith(m) for k in history)] + ["loss"]
-    fig = Figure(figsize=(5 * len(metrics), 4))
+    fig = _figure(figsize=(5 * len(metrics), 4))
     for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics):
         for key, values in sorted(history.items()):
             if key.endswith(metric):
@@ -40,7 +46,7 @@ def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], 
     """Confusion matrix: row-normalised colour, counts as text."""
     cm = np.asarray(counts, dtype=float)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(4.5, 4))
+    fig = _figure(figsize=(4.5, 4))
     ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
@@ -56,7 +62,7 @@ def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], 
 
 def plot_roc(curves: dict[str, dict[str, list[float]]], aucs: dict[str, float | None], path: Path) -> Path:
     """One-vs-rest ROC curve per class with its AUC in the legend."""
-    fig = Figure(figsize=(4.5, 4))
+    fig = _figure(figsize=(4.5, 4))
     ax = fig.subplots()
     for name, c in curves.items():
         auc = aucs.get(name)
@@ -70,7 +76,7 @@ def plot_roc(curves: dict[str, dict[str, list[float]]], aucs: dict[str, float | 
 
 def plot_reliability(bins: dict[str, list[float]], path: Path, *, title: str = "") -> Path:
     """Reliability diagram: accuracy vs confidence per bin, with the diagonal."""
-    fig = Figure(figsize=(4.5, 4))
+    fig = _figure(figsize=(4.5, 4))
     ax = fig.subplots()
     centers = [(lo + hi) / 2 for lo, hi in zip(bins["lower"], bins["upper"])]
     acc = [a if not math.isnan(a) else 0.0 for a in bins["accuracy"]]
@@ -85,7 +91,7 @@ def plot_reliability(bins: dict[str, list[float]], path: Path, *, title: str = "
 
 def plot_gallery(examples, path: Path) -> Path:
     """Rows of image | ground truth | prediction; ``examples`` holds (name, image, truth, pred)."""
-    fig = Figure(figsize=(9, 3 * len(examples)))
+    fig = _figure(figsize=(9, 3 * len(examples)))
     axes = np.atleast_2d(fig.subplots(len(examples), 3))
     for row, (name, image, truth, pred) in zip(axes, examples):
         gray = np.clip(np.asarray(image), 0, 255).mean(axis=2) / 255.0
@@ -100,37 +106,21 @@ def plot_gallery(examples, path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Pretty JSON, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def metrics_table(metrics: dict[str, Any]) -> str:
     """A short Markdown table of the headline classification metrics."""
 
-    def fmt(entry: dict[str, Any] | None) -> str:
-        if not entry or entry.get("value") is None:
-            return "n/a"
-        ci = entry.get("ci95")
-        return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    lines = [f"accuracy: {fmt(metrics['accuracy'])}  (n = {metrics['n']})", "",
+    lines = [f"accuracy: {ci_text(metrics['accuracy'])}  (n = {metrics['n']})", "",
              "| class | sensitivity | specificity | PPV | F1 | AUC |", "|---|---|---|---|---|---|"]
     for name, e in metrics["per_class"].items():
-        lines.append(f"| {name} | {fmt(e['sensitivity'])} | {fmt(e['specificity'])} | {fmt(e['ppv'])} | {fmt(e['f1'])} | {fmt(e['auc'])} |")
+        cells = " | ".join(ci_text(e[k]) for k in ("sensitivity", "specificity", "ppv", "f1", "auc"))
+        lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
+
+
+def ci_text(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    """``{"value": v, "ci95": [lo, hi]}`` → "v [lo, hi]" ("v" without an interval, "n/a" without a value)."""
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    ci = entry.get("ci95")
+    text = f"{entry['value']:.{digits}f}"
+    return text + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")

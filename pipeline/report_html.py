@@ -23,7 +23,8 @@ th{background:#f3f3f3;cursor:pointer}img{max-width:180px;max-height:180px;displa
 _SORT_JS = """
 document.querySelectorAll('th[data-sort]').forEach(function(th){th.addEventListener('click',function(){
  var t=th.closest('table'),b=t.tBodies[0],i=th.cellIndex,asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
- Array.from(b.rows).sort(function(x,y){var a=parseFloat(x.cells[i].dataset.v||'0'),c=parseFloat(y.cells[i].dataset.v||'0');
+ Array.from(b.rows).sort(function(x,y){
+  var a=parseFloat(x.cells[i].dataset.v||'0'),c=parseFloat(y.cells[i].dataset.v||'0');
  return asc?a-c:c-a;}).forEach(function(r){b.appendChild(r);});});});
 """
 
@@ -52,7 +53,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
         "<!doctype html><html><head><meta charset='utf-8'><title>cxr run report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Chest X-ray triage run</h1>",
-        "<p class='warn'><b>Research use only.</b> These outputs are not a diagnosis and must not guide patient care.</p>",
+        "<p class='warn'><b>Research use only.</b> These outputs are not a diagnosis and must not guide "
+        "patient care.</p>",
         "<h2>Summary</h2><table><tr><th>images</th><th>failed</th>"
         + "".join(f"<th>{c}</th>" for c in spec.CLASS_NAMES) + "<th>segmented</th><th>referred</th></tr>",
         f"<tr><td>{len(rows)}</td><td>{len(failures)}</td>"
@@ -61,7 +63,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
         *([f"<p>{html.escape(model_note)}</p>"] if model_note else []),
         "<p>classifier sha256 <code>{}</code>, segmenter <code>{}</code>{}</p>".format(
             html.escape(str(identity.get("classifier", ""))[:16]), html.escape(str(identity.get("segmenter", ""))[:16]),
-            f", lung model <code>{html.escape(str(identity['lung_model'])[:16])}</code>" if identity.get("lung_model") else ""),
+            f", lung model <code>{html.escape(str(identity['lung_model'])[:16])}</code>"
+            if identity.get("lung_model") else ""),
         "<p>Tables: <a href='results.csv'>results.csv</a>, <a href='results.jsonl'>results.jsonl</a>, "
         "<a href='failures.csv'>failures.csv</a>. Click a numeric column header to sort.</p>",
         "<h2>Images</h2>" + header,
@@ -72,7 +75,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
     if referred:
         parts.append(f"<h2 id='referred'>Referred to a reader ({len(referred)})</h2>"
                      "<p>The classifier's answer for these is not to be relied on: low calibrated confidence, or an "
-                     "input unlike the X-rays it was trained on.</p>" + header.replace("<th>file</th>", "<th>file</th><th>why referred</th>", 1))
+                     "input unlike the X-rays it was trained on.</p>"
+                     + header.replace("<th>file</th>", "<th>file</th><th>why referred</th>", 1))
         parts.extend(_row(out, r, reason=True) for r in sorted(referred, key=lambda r: r["file"]))
         parts.append("</tbody></table>")
     if failures:
@@ -94,8 +98,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], failures: list[dict[str,
 def _row(out: Path, r: dict[str, Any], *, reason: bool = False) -> str:
     """One image's table row (with the refer reason in the referred table)."""
     probs = "".join(
-        f"<td data-v='{r[f'p_{c}']}'>{r[f'p_{c}']:.3f} <span class='bar' style='width:{int(60 * r[f'p_{c}'])}px'></span></td>"
-        for c in spec.CLASS_NAMES
+        f"<td data-v='{p}'>{p:.3f} <span class='bar' style='width:{int(60 * p)}px'></span></td>"
+        for p in (r[f"p_{c}"] for c in spec.CLASS_NAMES)
     )
     shown = r.get("lesions", [])[:REPORT_LESIONS]
     more = r.get("lesion_count", len(shown)) - len(shown)

@@ -27,16 +27,16 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import cv2
 import numpy as np
 
 from data import spec
 from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
+from data.files import write_png, write_text_atomic
 from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.outputs import claim_output, describe_os_error, output_name
 from pipeline.report_html import REPORT_LESIONS, write_report
 
-RESULT_COLUMNS = ("file", "label", "p_normal", "p_pneumonia", "p_covid", "confidence", "refer", "refer_reason",
+RESULT_COLUMNS = ("file", "label", *(f"p_{c}" for c in spec.CLASS_NAMES), "confidence", "refer", "refer_reason",
                   "segmented", "lesion_count", "lesion_area_px", "lung_affected_pct")
 
 
@@ -47,33 +47,6 @@ class RunResult:
     n_skipped: int  # already finished by an earlier invocation
     n_failed: int  # failures recorded in total
     report: Path
-
-
-def _atomic_png(path: Path, rgb: np.ndarray) -> None:
-    """Encode in memory, then write through a temporary file and a rename: a failed write (full
-    disk, say) raises OSError with its errno and leaves no partial file behind."""
-    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
-    if not ok:
-        raise OSError(f"{path}: could not encode PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes_atomic(path, buf.tobytes())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp.png" if path.suffix == ".png" else path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is None:
-            err.filename = str(path)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _read_log(path: Path, keep: Callable[[dict[str, Any]], Any] = lambda record: record) -> list[Any]:
@@ -129,7 +102,7 @@ def check_run_inputs(image_dir: Path, out: Path, identity: dict[str, Any]) -> li
         if previous.get("identity") != identity:
             raise DatasetError(f"{out}: holds a run with other models or settings; use another --out to keep both")
     else:
-        _write_text_atomic(run_file, json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(run_file, json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
     return paths
 
 
@@ -264,7 +237,7 @@ class _FolderRun:
                          mask_overlay=output_name(f"overlays/{rel}", ".mask.png"))
         pictures = {"gradcam_overlay": "gradcam", "mask": "mask", "mask_overlay": "mask_overlay"}
         for field, name in names.items():
-            _atomic_png(self.out / name, images[pictures[field]])
+            write_png(self.out / name, images[pictures[field]])
         return {
             "label": a.label,
             **{f"p_{c}": p for c, p in a.probabilities.items()},
@@ -286,4 +259,4 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
     w.writeheader()
     for r in sorted(rows, key=lambda r: r["file"]):
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    _write_text_atomic(path, text.getvalue())
+    write_text_atomic(path, text.getvalue())

@@ -12,14 +12,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from data.datasets import DatasetError, FailureLog, Record
+from data.files import write_json
 from data.io import ImageReadError, read_mask
+from data.masks import SEGMENTATION_SCORES
 from data.splits import read_splits, select_split
-from pipeline.common import (held_out_records, patient_ids, prepare_output_dir, resolve_splits, run_metadata,
-                             write_failures)
+from pipeline.common import (
+    held_out_records,
+    patient_ids,
+    prepare_output_dir,
+    resolve_splits,
+    run_metadata,
+    write_failures,
+)
 from pipeline.config import build_settings, read_toml, settings_to_toml
-from pipeline.report import plot_gallery, plot_history, write_json
-
-SCORE_KEYS = ("dice", "iou", "precision", "recall")
+from pipeline.report import plot_gallery, plot_history
 
 
 @dataclass
@@ -33,7 +39,8 @@ class SegTrainJobResult:
 
 
 def train_segmenter_job(records: Sequence[Record], out, *, config=None, overrides: dict[str, Any] | None = None,
-                        splits=None, allow_leaks: bool = False, progress=None, verbose: int | None = None) -> SegTrainJobResult:
+                        splits=None, allow_leaks: bool = False, progress=None,
+                        verbose: int | None = None) -> SegTrainJobResult:
     """Train a segmenter on the records that carry the configured mask kind (patient-level split)."""
     from data.runtime.weights import resolve_weights_file
     from segmenter.settings import SegmenterSettings, with_preset
@@ -43,7 +50,8 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     values = read_toml(config) if config is not None else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     settings = build_settings(SegmenterSettings, with_preset(values), source=str(config or "arguments"))
-    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE, what="densenet121")  # local files, before any image
+    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE,
+                         what="densenet121")  # local files, before any image
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
@@ -101,7 +109,8 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
-    from segmenter.metrics import confusion, hausdorff95, segmentation_scores
+    from data.masks import confusion, segmentation_scores
+    from segmenter.metrics import hausdorff95
     from segmenter.model import load_segmenter
 
     seg = load_segmenter(model_dir)
@@ -119,14 +128,15 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     failures = FailureLog()
     rows, tp_fp_fn, hd = [], np.zeros(3, np.int64), []
     examples = []
-    for i, path, prob, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
+    for i, _, prob, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
         try:
             truth = read_mask(records[i].masks[kind])
         except ImageReadError as err:
             failures.add(err.path, f"mask: {err.reason}")
             continue
         if truth.shape != prob.shape:
-            failures.add(str(records[i].masks[kind]), f"mask size {truth.shape[::-1]} differs from image {prob.shape[::-1]}")
+            failures.add(str(records[i].masks[kind]),
+                         f"mask size {truth.shape[::-1]} differs from image {prob.shape[::-1]}")
             continue
         pred = prob >= seg.threshold
         scores = segmentation_scores(truth, pred)
@@ -141,7 +151,8 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         raise DatasetError("no image could be evaluated; see failures.csv")
     tp, fp, fn = (int(v) for v in tp_fp_fn)
     patients = [r.pop("_patient") for r in rows]
-    metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot, groups=patients) for k in SCORE_KEYS}
+    metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot,
+                                          groups=patients) for k in SEGMENTATION_SCORES}
     metrics["evaluated"] = {**scope, "bootstrap": "percentile, resampling patients"}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
@@ -152,7 +163,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
                           "engine": engine})
     write_json(out / "metrics.json", metrics)
     with (out / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
-        w = csv.DictWriter(handle, fieldnames=["file", *SCORE_KEYS, "hd95"])
+        w = csv.DictWriter(handle, fieldnames=["file", *SEGMENTATION_SCORES, "hd95"])
         w.writeheader()
         w.writerows(rows)
     write_failures(out / "failures.csv", failures.items)

@@ -30,7 +30,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -38,27 +37,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from data import spec
+from data.files import encode_png
 from data.io import ImageReadError, decode_image, sniff_format
 from data.stream import Prepared
 from pipeline import serve_schema as schema
-from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
+from pipeline.analysis import RESULT_IMAGES, ImageAnalysis, analyse_batch, result_images
+from pipeline.config import ServeSettings
 from pipeline.serve_page import UPLOAD_PAGE
 
-RESULT_FILES = ("gradcam.png", "mask.png", "mask_overlay.png")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    max_upload_bytes: int = 64 * 1024 * 1024  # DICOM files of full-size detectors reach tens of MB
-    max_batch: int = 8
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
-    max_queue: int = 64  # requests waiting beyond this get 503 (retry later)
-    segment_all: bool = False  # stage 2 on every image (audits), not only pneumonia/covid
-    result_ttl_s: float = 3600.0
-    max_results: int = 128  # results kept in memory; the oldest go first
-    max_result_bytes: int = 256 * 1024 * 1024  # and their PNGs together stay under this
-    max_pixels: int = spec.DEFAULT_MAX_PIXELS  # larger uploads get 422, judged from the header
-    request_timeout_s: float = 60.0  # headers and body must arrive within this (slow clients are cut off)
+RESULT_FILES = tuple(f"{name}.png" for name in RESULT_IMAGES)
 
 
 class Busy(Exception):
@@ -177,16 +164,9 @@ def _size(files: dict[str, bytes]) -> int:
     return sum(len(b) for b in files.values())
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)
-    if not ok:
-        raise RuntimeError("could not encode PNG")
-    return buf.tobytes()
-
-
 def render_files(analysis: ImageAnalysis, original: np.ndarray) -> dict[str, bytes]:
     """pipeline.analysis.result_images of one analysed image, as PNG bytes named ``<name>.png``."""
-    return {f"{name}.png": _png(rgb) for name, rgb in result_images(analysis, original).items()}
+    return {f"{name}.png": encode_png(rgb) for name, rgb in result_images(analysis, original).items()}
 
 
 def check_upload(data: bytes, max_pixels: int = spec.DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -222,7 +202,8 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
     # FastAPI's own limit: 413 from the declared Content-Length, and while a body without one streams in.
     app = FastAPI(title="cxr-triage", version=_version(), lifespan=lifespan, max_body_size=settings.max_upload_bytes,
                   description="Chest X-ray triage research pipeline: classification with Grad-CAM, then lesion "
-                              "segmentation of images flagged pneumonia or COVID. Research use only; not for diagnosis.")
+                              "segmentation of images flagged pneumonia or COVID. Research use only; "
+                              "not for diagnosis.")
     app.state.engine, app.state.store = engine, store
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -273,7 +254,8 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             "note": "research use only; not for diagnosis",
         }
 
-    @app.get("/v1/results/{token}/{name}", responses={200: {"content": {"image/png": {}}}, 404: {"model": schema.Error}})
+    @app.get("/v1/results/{token}/{name}", responses={200: {"content": {"image/png": {}}},
+                                                      404: {"model": schema.Error}})
     def result_file(token: str, name: str) -> Response:
         body = store.get(token, name) if name in RESULT_FILES else None
         if body is None:

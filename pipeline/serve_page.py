@@ -23,7 +23,8 @@ UPLOAD_PAGE = """<!doctype html>
 <h1>Chest X-ray triage</h1>
 <p class="warn">Research use only. Not for diagnosis: model outputs must not guide clinical decisions.</p>
 <form id="form">
-  <input type="file" id="file" name="file" accept=".png,.jpg,.jpeg,.bmp,.tif,.tiff,.dcm,image/*,application/dicom" required>
+  <input type="file" id="file" name="file" required
+         accept=".png,.jpg,.jpeg,.bmp,.tif,.tiff,.dcm,image/*,application/dicom">
   <button type="submit" id="submit">Analyse</button>
   <span id="status" role="status"></span>
 </form>
@@ -35,7 +36,8 @@ UPLOAD_PAGE = """<!doctype html>
   <p id="stage2"></p>
   <div class="images">
     <figure><img id="gradcam" alt="Grad-CAM overlay"><figcaption>Grad-CAM of the predicted class</figcaption></figure>
-    <figure id="maskfig" hidden><img id="maskimg" alt="lesion mask overlay"><figcaption>Lesion mask</figcaption></figure>
+    <figure id="maskfig" hidden>
+      <img id="maskimg" alt="lesion mask overlay"><figcaption>Lesion mask</figcaption></figure>
   </div>
   <table id="lesions" hidden>
     <thead><tr><th>#</th><th>box (x, y, w, h)</th><th>area (px)</th><th>% of lung</th><th>score</th></tr></thead>

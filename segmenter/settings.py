@@ -39,10 +39,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` completed by its preset: ``values["preset"]``, else "scratch" when the encoder
-    starts from random weights (weights "none", or FC-DenseNet103) and "paper" otherwise."""
+    starts from random weights (weights "none", or FC-DenseNet103) and "paper" otherwise. A
+    "lung-lesion" model with no loss given gets "cce_dice"."""
     from data.runtime.weights import is_none
 
     scratch = is_none(values.get("weights", "imagenet")) or values.get("arch") == "fc-densenet103"
+    values = dict(values)
+    if values.get("classes") == "lung-lesion" and values.get("loss") is None:
+        values["loss"] = "cce_dice"  # the only loss of the softmax head (SegmenterSettings checks it)
     return apply_preset(values, PRESETS, "scratch" if scratch else "paper")
 
 

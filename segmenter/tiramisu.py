@@ -51,7 +51,7 @@ def _transition_down(x, filters: int, dropout: float, name: str):
 
 def build_fc_densenet103(
     *,
-    input_size: int = 256,
+    input_size: int = 256,  # the paper's; segmenter.settings.DEFAULT_SEGMENTER_SIZE
     num_classes: int = 1,
     growth: int = GROWTH,
     down_layers: tuple[int, ...] = DOWN_LAYERS,

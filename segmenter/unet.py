@@ -30,7 +30,8 @@ def validate_size(size: int, multiple: int = 32, minimum: int = 64) -> None:
 
 def conv_bn_relu(x, filters: int, name: str):
     """Conv3×3 (no bias) → BatchNorm → ReLU, as segmentation-models' Conv3x3BnReLU."""
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform", name=f"{name}_conv")(x)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform",
+                      name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
@@ -42,7 +43,7 @@ def head_activation(num_classes: int) -> str:
 
 def build_unet(
     *,
-    input_size: int = 256,
+    input_size: int = 256,  # the paper's; segmenter.settings.DEFAULT_SEGMENTER_SIZE
     num_classes: int = 1,
     weights: str | None = None,
     decoder_filters: tuple[int, ...] = DECODER_FILTERS,
@@ -62,13 +63,15 @@ def build_unet(
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = torch_normalization("encoder_preprocess")(inputs)
     encoder = build_application(
-        keras.applications.DenseNet121, weights=resolve_weights_file(weights, imagenet_file=ENCODER_FILE, what="densenet121"),
+        keras.applications.DenseNet121, weights=resolve_weights_file(weights, imagenet_file=ENCODER_FILE,
+                                                                     what="densenet121"),
         imagenet_file=ENCODER_FILE, what="the U-Net's DenseNet121 encoder", include_top=False,
         input_shape=(input_size, input_size, 3),
     )
     encoder.trainable = not freeze_encoder
     # One functional model that exposes the skip tensors, applied to the normalised input.
-    taps = keras.Model(encoder.input, [encoder.output, *[encoder.get_layer(s).output for s in SKIPS]], name="densenet121_encoder")
+    taps = keras.Model(encoder.input, [encoder.output, *[encoder.get_layer(s).output for s in SKIPS]],
+                       name="densenet121_encoder")
     x, *skips = taps(x)
     for i, filters in enumerate(decoder_filters):
         x = layers.UpSampling2D(2, name=f"decoder_stage{i}_upsample")(x)

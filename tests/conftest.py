@@ -7,10 +7,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from fakes import make_bad_corpus, png_bytes, xray_like
 
 from data import spec
 from data.datasets import load_records
+from fakes import make_bad_corpus, png_bytes, xray_like
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

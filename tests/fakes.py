@@ -39,7 +39,8 @@ def huge_png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND",
+                                                                                                             b"")
 
 
 def write_monochrome1_dicom(path: Path, pixels: np.ndarray) -> None:
@@ -144,12 +145,14 @@ def _more_bad_files(d: Path, base: np.ndarray, good_png: bytes, mono1: np.ndarra
     length = struct.unpack(">I", raw[at - 8 : at - 4])[0]
     raw[at + length : at + length + 4] = struct.pack(">I", zlib.crc32(bytes(raw[at - 4 : at + length])) & 0xFFFFFFFF)
     (d / "bad_zlib.png").write_bytes(bytes(raw))
-    (d / "zero_size.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 0, 0, 0, 0))
+    (d / "zero_size.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 0, 0, 0,
+                                                                                         0))
                                       + _chunk(b"IEND", b""))
     (d / "sliver.png").write_bytes(png_bytes(np.full((4, 400), 100, np.uint8)))
     (d / "dark.png").write_bytes(png_bytes(np.zeros((96, 80), np.uint8)))  # readable; referred as blank
     Image.fromarray(np.random.default_rng(0).random((96, 80)).astype(np.float32)).save(d / "float.tif")
-    for name, change in (("nopix.dcm", "drop"), ("truncated.dcm", "cut"), ("j2k.dcm", "j2k"), ("multiframe.dcm", "two")):
+    for name, change in (("nopix.dcm", "drop"), ("truncated.dcm", "cut"), ("j2k.dcm", "j2k"), ("multiframe.dcm",
+                                                                                               "two")):
         write_monochrome1_dicom(d / name, np.concatenate([mono1, mono1]) if change == "two" else mono1)
         ds = pydicom.dcmread(d / name)
         if change == "drop":

@@ -19,6 +19,7 @@ from typing import Any
 
 from data import spec
 from data.errors import CxrError
+from data.files import write_json
 
 SIDECAR = "model.json"
 MODEL_FILE = "model.keras"
@@ -96,20 +97,13 @@ def save_bundle(model, directory: str | os.PathLike[str], *, kind: str, image_si
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sidecar["sidecar_hash"] = sidecar_hash(sidecar)
-    write_json_atomic(directory / SIDECAR, sidecar)
+    write_json(directory / SIDECAR, sidecar, sort_keys=True)
     return directory / SIDECAR
 
 
 def sidecar_hash(sidecar: dict[str, Any]) -> str:
     """sha256 of every sidecar field but itself: an edit to any field (image_size, meta, ...) is caught."""
     return config_hash({k: v for k, v in sidecar.items() if k != "sidecar_hash"})
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_sidecar(directory: str | os.PathLike[str], *, kind: str) -> dict[str, Any]:
@@ -143,7 +137,8 @@ def read_sidecar(directory: str | os.PathLike[str], *, kind: str) -> dict[str, A
         if not f.is_file():
             raise BundleError(f"{f}: listed in the sidecar but missing")
         if sha256_file(f) != digest:
-            raise BundleError(f"{f}: sha256 differs from the sidecar; the file changed after saving (restore it or retrain)")
+            raise BundleError(f"{f}: sha256 differs from the sidecar; the file changed after saving "
+                              "(restore it or retrain)")
     return side
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from data.runtime.bundle import MODEL_FILE, BundleError, sha256_file, write_json_atomic
+from data.files import write_json
+from data.runtime.bundle import MODEL_FILE, BundleError, sha256_file
 
 ONNX_FILE = "model.onnx"
 ONNX_RECORD = "model.onnx.json"
@@ -116,7 +117,8 @@ def fold_captured_inputs(proto, model, image_input: str) -> list[str]:
     return folded + dangling
 
 
-def export_onnx(model, path: str | os.PathLike[str], *, sample: np.ndarray, atol: float = DEFAULT_ATOL) -> dict[str, Any]:
+def export_onnx(model, path: str | os.PathLike[str], *, sample: np.ndarray,
+                atol: float = DEFAULT_ATOL) -> dict[str, Any]:
     """Export a Keras model to ``path`` and check it on ``sample``; returns what was checked.
 
     ExportError (nothing written at ``path``) when the export fails or differs by more than ``atol``.
@@ -182,7 +184,7 @@ def ensure_onnx(directory: str | os.PathLike[str], model, *, image_size: int, sa
         rng = np.random.default_rng(0)
         sample = rng.uniform(0, 255, (2, image_size, image_size, 3)).astype(np.float32)
     checked = export_onnx(model, onnx_path, sample=sample)
-    write_json_atomic(record_path, {
+    write_json(record_path, sort_keys=True, data={
         "source_sha256": source,
         "onnx_sha256": sha256_file(onnx_path),
         "onnxruntime": metadata.version("onnxruntime"),
@@ -267,7 +269,7 @@ def ensure_int8(directory: str | os.PathLike[str], model, *, image_size: int, ca
         "calibration_files": calibration_files,
         **checked,
     }
-    write_json_atomic(directory / INT8_RECORD, record)
+    write_json(directory / INT8_RECORD, record, sort_keys=True)
     return record
 
 
@@ -308,7 +310,8 @@ def select_engine(engine: str, directory: str | os.PathLike[str], model, *, imag
 
 
 class EngineChoice:
-    """Mixin for loaded bundles (``path``, ``model``, ``image_size``, ``checkpoint_sha256``, ``onnx``): the engine switch."""
+    """The engine switch of a loaded bundle (data.runtime.loaded.LoadedBundle: ``path``, ``model``,
+    ``image_size``, ``checkpoint_sha256``, ``onnx``)."""
 
     onnx: OnnxForward | None
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import png_bytes, xray_like
 
 from data import spec
 from data.augment import AugmentParams
@@ -20,6 +19,7 @@ from data.datasets import (
     read_manifest,
     scan_class_folders,
 )
+from fakes import png_bytes, xray_like
 
 
 def make_tree(root: Path, per_class: int = 2, size=(72, 64)) -> Path:

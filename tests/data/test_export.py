@@ -1,4 +1,5 @@
-"""data.runtime.engines on a tiny Keras model: an export is cached next to the model, reused while both hashes match, redone otherwise."""
+"""data.runtime.engines on a tiny Keras model: an export is cached next to the model, reused while
+both hashes match, redone otherwise."""
 
 from __future__ import annotations
 

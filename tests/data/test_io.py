@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import BAD_CORPUS_EXPECT, huge_png_header, png_bytes, xray_like
 
 from data.io import ImageReadError, decode_image, read_image, read_mask, sniff_format
 from data.preprocess import to_rgb_float
+from fakes import BAD_CORPUS_EXPECT, huge_png_header, png_bytes, xray_like
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CORPUS_EXPECT))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import xray_like
 
 from data.datasets import Record
 from data.splits import (
@@ -19,6 +18,7 @@ from data.splits import (
     read_splits,
     write_splits,
 )
+from fakes import xray_like
 
 
 def _records(n_patients=20, per_patient=3):
@@ -26,7 +26,8 @@ def _records(n_patients=20, per_patient=3):
     for p in range(n_patients):
         label = ("normal", "pneumonia", "covid")[p % 3]
         for k in range(per_patient):
-            recs.append(Record(path=Path(f"{label}/p{p}_{k}.png"), label=label, name=f"{label}/p{p}_{k}.png", patient_id=f"P{p}"))
+            recs.append(Record(path=Path(f"{label}/p{p}_{k}.png"), label=label, name=f"{label}/p{p}_{k}.png",
+                               patient_id=f"P{p}"))
     return recs
 
 

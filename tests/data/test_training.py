@@ -7,8 +7,15 @@ import keras
 import numpy as np
 import pytest
 
-from data.runtime.training import (batchnorm_layers, build_lr_schedule, build_optimizer, check_recipe, reestimate_batchnorm,
-                           set_bn_momentum, write_history_csv)
+from data.runtime.training import (
+    batchnorm_layers,
+    build_lr_schedule,
+    build_optimizer,
+    check_recipe,
+    reestimate_batchnorm,
+    set_bn_momentum,
+    write_history_csv,
+)
 
 
 def _bn_model():

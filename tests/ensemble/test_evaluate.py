@@ -68,7 +68,8 @@ def test_against_sklearn_and_ci_contains_point():
     assert lo <= 23 / 30 <= hi and hi - lo > 0.05
     assert m["macro"]["f1"]["value"] == pytest.approx(skm.f1_score(labels, preds, average="macro"))
     assert m["micro"]["f1"]["value"] == pytest.approx(skm.f1_score(labels, preds, average="micro"))
-    assert m["macro"]["auc"]["value"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert m["macro"]["auc"]["value"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr",
+                                                                         average="macro"))
     np.testing.assert_allclose(np.asarray(m["confusion_matrix"]["row_normalised"]).sum(1), 1.0)
 
 
@@ -121,7 +122,8 @@ def test_bootstrap_resamples_whole_patients():
     by_patient = classification_metrics(labels, probs, n_boot=500, groups=groups)
     width = lambda m: m["accuracy"]["ci95"][1] - m["accuracy"]["ci95"][0]  # noqa: E731
     assert width(by_patient) > 1.5 * width(by_image)
-    assert by_patient["bootstrap"]["method"] == "percentile, resampling patients" and by_patient["bootstrap"]["groups"] == 20
+    assert by_patient["bootstrap"]["method"] == "percentile, resampling patients"
+    assert by_patient["bootstrap"]["groups"] == 20
 
 
 def test_vote_weights_drop_a_member_that_learned_nothing():

@@ -28,8 +28,10 @@ def test_preprocessing_matches_keras_applications():
     x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
     torch_layer = MEMBERS["densenet121"].preprocessing("t")
     caffe_layer = MEMBERS["vgg19"].preprocessing("c")
-    np.testing.assert_allclose(np.asarray(torch_layer(x)), keras.applications.densenet.preprocess_input(x.copy()), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(caffe_layer(x)), keras.applications.vgg19.preprocess_input(x.copy()), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(torch_layer(x)), keras.applications.densenet.preprocess_input(x.copy()),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(caffe_layer(x)), keras.applications.vgg19.preprocess_input(x.copy()),
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +81,7 @@ def test_freeze_fraction():
     bb = keras.applications.VGG19(include_top=False, weights=None, input_shape=(64, 64, 3))
     n = freeze_early_layers(bb, 0.5)
     assert n == round(len(bb.layers) * 0.5)
-    assert not any(l.trainable for l in bb.layers[:n]) and all(l.trainable for l in bb.layers[n:])
+    assert not any(layer.trainable for layer in bb.layers[:n]) and all(layer.trainable for layer in bb.layers[n:])
     with pytest.raises(ValueError):
         freeze_early_layers(bb, 1.5)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import xray_like
 
 from data.datasets import load_example, load_records
 from data.io import read_image
 from data.preprocess import preprocess_image
 from ensemble.refer import fit_confidence_threshold, fit_input_check, refer_decisions
+from fakes import xray_like
 
 
 def _input(gray: np.ndarray, size: int = 64) -> np.ndarray:
@@ -51,7 +51,8 @@ def test_input_check_on_generated_images():
     for name, (x, p, refer, reason) in cases.items():
         [(got, why)] = refer_decisions(x[None], p, rule)
         assert got is refer and reason in why, name
-    assert refer_decisions(xray[None], sure, None) == [(None, "no refer rule in this classifier bundle (retrain to get one)")]
+    assert refer_decisions(xray[None], sure, None) == [(None,
+                                                        "no refer rule in this classifier bundle (retrain to get one)")]
 
 
 def test_input_check_detection_rates_on_real_inputs(shared_cxr, capsys):

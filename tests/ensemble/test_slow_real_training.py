@@ -50,7 +50,8 @@ def test_scratch_classifier_beats_chance_and_a_thumbnail_forest(shared_cxr, tmp_
                       [r for r in records if split.get(r.key) == "test"])
     acc = metrics["accuracy"]
     with capsys.disabled():
-        print(f"\n[slow] {members} {size}px {epochs} ep (scratch preset): train {t_train:.0f} s; held-out n={metrics['n']}: "
+        print(f"\n[slow] {members} {size}px {epochs} ep (scratch preset): train {t_train:.0f} s; "
+              f"held-out n={metrics['n']}: "
               f"accuracy {acc['value']:.3f} {acc['ci95']}, macro AUC {metrics['macro']['auc']['value']:.3f}; "
               f"thumbnail RF on the same split {rf:.3f}")
         for src, m in metrics.get("per_source", {}).items():

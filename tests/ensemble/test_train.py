@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.runtime.bundle import BundleError
 from data.datasets import make_dataset
+from data.runtime.bundle import BundleError
 from ensemble.classifier import load_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs
-from ensemble.train import (PAPER_CLASS_WEIGHTS, PRESETS, ClassifierSettings, class_weight_table, training_units,
-                            with_preset)
+from ensemble.train import (
+    PAPER_CLASS_WEIGHTS,
+    PRESETS,
+    ClassifierSettings,
+    class_weight_table,
+    training_units,
+    with_preset,
+)
 from pipeline.config import ConfigError, build_settings
 
 

@@ -71,7 +71,8 @@ def test_closed_form_equals_autograd_on_every_member(trained_bundle, method):
     cls = pred.probs.argmax(axis=1)
     heads = clf.head_weights()
     for m in clf.members:
-        feats, grads = feature_gradients(clf.model, x, feature_layer=f"{m}_features", score_layer=f"{m}_head", class_index=cls)
+        feats, grads = feature_gradients(clf.model, x, feature_layer=f"{m}_features", score_layer=f"{m}_head",
+                                         class_index=cls)
         np.testing.assert_allclose(feats, pred.features[m], rtol=1e-4, atol=1e-4)
         auto = cam_from_gradients(feats, grads, method)
         closed = closed_form_cam(pred.features[m], heads[m][0], cls, method)

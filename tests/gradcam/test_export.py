@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from fakes import png_bytes, xray_like
 
+from fakes import png_bytes, xray_like
 from gradcam.brush_rle import decode, encode, mask_to_rle, rle_to_mask
 from gradcam.export import Draft, write_coco, write_labelstudio, write_sagemaker
 from gradcam.imports import AnnotationError, import_masks, read_coco
@@ -57,7 +57,8 @@ def test_coco_round_trip_with_pycocotools(image_folder, tmp_path):
         np.testing.assert_array_equal(got, want)
     res = import_masks(path, "cvat", d, tmp_path / "out", kind="lesion")
     for x in drafts:
-        np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")), x.mask)
+        np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")),
+                                      x.mask)
     assert res.problems == [("c.png", "empty mask (written as all background)")]
 
 
@@ -79,7 +80,8 @@ def test_cvat_polygons_and_uncompressed_rle_are_read(tmp_path):
 
 
 def test_brush_codec_matches_label_studio_converter():
-    brush = pytest.importorskip("label_studio_converter.brush", reason="reference codec: pip install --no-deps label-studio-converter")
+    brush = pytest.importorskip("label_studio_converter.brush",
+                                reason="reference codec: pip install --no-deps label-studio-converter")
     rng = np.random.default_rng(0)
     for h, w in [(1, 1), (7, 13), (64, 48), (300, 300)]:
         m = (rng.random((h, w)) > 0.7).astype(np.uint8) * 255
@@ -103,12 +105,14 @@ def test_labelstudio_round_trip(image_folder, tmp_path):
     # What Label Studio exports after an annotator accepts the predictions unchanged.
     for i, t in enumerate(tasks):
         t["id"] = i + 1
-        t["annotations"] = [{"id": 10 + i, "result": p["result"], "was_cancelled": False} for p in t.pop("predictions", [])]
+        t["annotations"] = [{"id": 10 + i, "result": p["result"], "was_cancelled": False} for p in t.pop("predictions",
+                                                                                                         [])]
     (tmp_path / "export.json").write_text(json.dumps(tasks))
     res = import_masks(tmp_path / "export.json", "labelstudio", d, tmp_path / "out")
     for x in drafts:
         if x.mask.any():
-            np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")), x.mask)
+            np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")),
+                                          x.mask)
     assert res.problems == [("images/c.png", "no annotation (only drafts or nothing)")]
 
 
@@ -122,7 +126,8 @@ def test_sagemaker_round_trip(image_folder, tmp_path):
     assert line["cxr-draft-ref-metadata"]["internal-color-map"]["0"]["class-name"] == "BACKGROUND"
     res = import_masks(manifest, "sagemaker", d, tmp_path / "out")
     for x in drafts:
-        np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")), x.mask)
+        np.testing.assert_array_equal(_read_png_mask(tmp_path / "out" / "lesion" / (Path(x.name).stem + ".png")),
+                                      x.mask)
     assert [p for _, p in res.problems] == ["empty mask (written as all background)"]
 
 

@@ -69,11 +69,13 @@ def test_missing_local_weights_exit_2(tiny_tree, tmp_path, capsys):
 def test_train_classifier_cli_single_member(tiny_tree, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('members = ["efficientnetb0"]\nimage_size = 64\nepochs = 1\nbatch_size = 4\n'
-                   'weights = "none"\nrun_eagerly = true\nclass_weights = { normal = 701, pneumonia = 1587, covid = 4283 }\n')
+                   'weights = "none"\nrun_eagerly = true\n'
+                   'class_weights = { normal = 701, pneumonia = 1587, covid = 4283 }\n')
     out = tmp_path / "m"
     assert main(["train-classifier", "--data", str(tiny_tree), "--out", str(out), "--config", str(cfg)]) == 0
     assert "trained in" in capsys.readouterr().out
-    for name in ("model.keras", "model.json", "splits.csv", "training_curves.png", "training_log.csv", "run.json", "config.toml"):
+    for name in ("model.keras", "model.json", "splits.csv", "training_curves.png", "training_log.csv", "run.json",
+                 "config.toml"):
         assert (out / name).is_file(), name
     side = json.loads((out / "model.json").read_text())
     assert side["config"]["class_weight_table"] == {"normal": 701.0, "pneumonia": 1587.0, "covid": 4283.0}

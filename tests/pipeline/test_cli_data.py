@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from fakes import BAD_CORPUS_EXPECT
 
+from fakes import BAD_CORPUS_EXPECT
 from pipeline.cli import main
 
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from fakes import png_bytes
 
+from fakes import png_bytes
 from pipeline.cli import main
 
 
@@ -80,12 +80,12 @@ def test_gradcam_bad_arguments(trained_bundle, tiny_tree, tmp_path, capsys, extr
 def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_tree, tmp_path, monkeypatch, capsys):
     import errno
 
-    from pipeline import gradcam_jobs
+    from data import files
 
-    def full(path, rgb):
+    def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(gradcam_jobs, "_png", full)
+    monkeypatch.setattr(files, "write_bytes_atomic", full)
     assert main(["gradcam", str(tiny_tree), "--model", str(light_bundle), "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "no space left on device" in err and "Traceback" not in err

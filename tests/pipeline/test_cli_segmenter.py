@@ -8,7 +8,6 @@ import pytest
 
 from data.runtime.bundle import BundleError
 from fakes import png_bytes
-
 from pipeline.cli import main
 
 

@@ -24,8 +24,8 @@ def test_the_keras_warning_about_streams_of_unknown_length_is_silenced_for_fit_o
 
     class Model:
         def fit(self, data, **kwargs):
-            warnings.warn("Your input ran out of data; interrupting training.", UserWarning)
-            warnings.warn("something else", UserWarning)
+            warnings.warn("Your input ran out of data; interrupting training.", UserWarning, stacklevel=2)
+            warnings.warn("something else", UserWarning, stacklevel=2)
             return "history"
 
     with warnings.catch_warnings(record=True) as seen:
@@ -35,14 +35,13 @@ def test_the_keras_warning_about_streams_of_unknown_length_is_silenced_for_fit_o
 
 
 def test_every_user_error_shares_one_base_that_the_cli_catches():
-    from data.runtime.bundle import BundleError
     from data.datasets import DatasetError
-    from data.errors import CxrError
-    from data.runtime.engines import ExportError
+    from data.errors import CxrError, UsageError
     from data.io import ImageReadError
+    from data.runtime.bundle import BundleError
+    from data.runtime.engines import ExportError
     from data.runtime.weights import WeightsError
     from gradcam.imports import AnnotationError
-    from pipeline.cli import UsageError
     from pipeline.config import ConfigError
 
     for cls in (BundleError, DatasetError, ExportError, ImageReadError, WeightsError, AnnotationError, UsageError,

@@ -1,4 +1,5 @@
-"""ONNX engine: export next to the bundle, checked against Keras, reused by hash; `cxr export`; `cxr run --engine onnx`."""
+"""ONNX engine: export next to the bundle, checked against Keras, reused by hash; `cxr export`;
+`cxr run --engine onnx`."""
 
 from __future__ import annotations
 

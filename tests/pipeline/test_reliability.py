@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
 from PIL import Image
 
+from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
 from pipeline.cli import main
 
 LONG_NAME = "n" * 246 + ".png"  # 250 bytes: the old `<stem>.gradcam.png` was over the 255-byte limit
@@ -79,9 +79,9 @@ def loaded(light_bundle, seg_model):
 def _models_loaded_once(loaded, monkeypatch):
     """The CLI as users call it, with the bundles loaded once for the module (each load retraces the
     models' predict functions: seconds per call on 2 cores). Bundle checks have their own tests."""
-    from pipeline import cli
+    from pipeline import api
 
-    monkeypatch.setattr(cli, "_load_models", lambda args: (*loaded, None))
+    monkeypatch.setattr(api, "load_models", lambda *args, **kwargs: api.Models(*loaded))
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -203,20 +203,20 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_writes(light_bund
 
 
 def test_write_failures_become_failure_rows_and_are_retried(light_bundle, seg_model, tmp_path, monkeypatch, capsys):
-    from pipeline import run as run_module
+    from data import files as files_module
 
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(3):
         (folder / f"c{i}.png").write_bytes(png_bytes(xray_like(80, 80, seed=80 + i)))
-    real_write = run_module._write_bytes_atomic
+    real_write = files_module.write_bytes_atomic
 
     def disk_full_for_c1(path, data):
         if "c1.png" in path.name:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(run_module, "_write_bytes_atomic", disk_full_for_c1)
+    monkeypatch.setattr(files_module, "write_bytes_atomic", disk_full_for_c1)
     out = tmp_path / "out"
     assert _run(folder, out, light_bundle, seg_model) == 1
     assert "Traceback" not in capsys.readouterr().err
@@ -224,7 +224,7 @@ def test_write_failures_become_failure_rows_and_are_retried(light_bundle, seg_mo
     (fail,) = _rows(out / "failures.csv")
     assert fail["file"] == "c1.png" and "no space left on device" in fail["reason"]
     assert not _leftovers(out)
-    monkeypatch.setattr(run_module, "_write_bytes_atomic", real_write)  # space freed
+    monkeypatch.setattr(files_module, "write_bytes_atomic", real_write)  # space freed
     assert _run(folder, out, light_bundle, seg_model) == 0
     assert [r["file"] for r in _rows(out / "results.csv")] == ["c0.png", "c1.png", "c2.png"]
     assert _rows(out / "failures.csv") == []

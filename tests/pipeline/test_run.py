@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
 
+from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
 from pipeline.cli import main
 
 

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fakes import BAD_CORPUS_EXPECT, png_bytes, write_monochrome1_dicom, xray_like
 from PIL import Image
+
+from fakes import BAD_CORPUS_EXPECT, png_bytes, write_monochrome1_dicom, xray_like
 
 pytest.importorskip("fastapi", reason="cxr serve needs fastapi (pip install -e .)")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -35,7 +36,8 @@ def models(light_bundle, seg_model):
 def client(models):
     clf, seg = models
     # segment_all: every upload goes through stage 2 too, so the mask path is always exercised.
-    app = create_app(clf, seg, seg, settings=ServeSettings(segment_all=True, max_wait_ms=300, max_upload_bytes=2_000_000))
+    app = create_app(clf, seg, seg, settings=ServeSettings(segment_all=True, max_wait_ms=300,
+                                                           max_upload_bytes=2_000_000))
     with TestClient(app) as c:
         yield c
 
@@ -205,7 +207,8 @@ def live_server(models):
 
 
 def test_upload_page_in_headless_chromium(live_server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser test needs playwright (pip install -e .[test])")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="browser test needs playwright (pip install -e .[test])")
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no Debian chromium on this machine: `make test` installs it with apt-get where it can "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data.masks import segmentation_scores
 from segmenter.losses import bce_dice_loss, dice_loss, focal_tversky_loss, get_loss
-from segmenter.metrics import hausdorff95, lesions, lung_affected_pct, segmentation_scores
+from segmenter.metrics import hausdorff95, lesions, lung_affected_pct
 
 
 def test_scores_by_hand():
@@ -45,7 +46,7 @@ def test_lesion_instances_on_a_drawn_mask():
     lung = np.zeros((50, 60), bool)
     lung[:, :] = True  # 3000 px
     found = lesions(prob, threshold=0.5, min_area=16, lung=lung)
-    assert [(l.box, l.area_px) for l in found] == [((10, 5, 20, 10), 200), ((40, 30, 5, 10), 50)]
+    assert [(les.box, les.area_px) for les in found] == [((10, 5, 20, 10), 200), ((40, 30, 5, 10), 50)]
     assert found[0].score == pytest.approx(0.9) and found[1].score == pytest.approx(0.7)
     assert found[0].lung_pct == pytest.approx(100 * 200 / 3000)
     assert lung_affected_pct(prob >= 0.5, lung) == pytest.approx(100 * 254 / 3000)
@@ -66,7 +67,8 @@ def test_losses():
     y = np.zeros((2, 8, 8, 1), np.float32)
     y[:, 2:6, 2:6] = 1.0
     assert float(dice_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
-    assert float(dice_loss(np.zeros_like(y), np.zeros_like(y))) == pytest.approx(0.0, abs=1e-6)  # smooth: empty = perfect
+    assert float(dice_loss(np.zeros_like(y), np.zeros_like(y))) == pytest.approx(0.0,
+                                                                                 abs=1e-6)  # smooth: empty = perfect
     assert float(dice_loss(y, 1.0 - y)) > 0.9
     assert float(focal_tversky_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
     assert float(bce_dice_loss(y, np.clip(y, 0.01, 0.99))) < float(bce_dice_loss(y, np.full_like(y, 0.5)))

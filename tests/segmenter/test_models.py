@@ -20,7 +20,7 @@ def test_unet_densenet121_has_segmentation_models_parameter_count():
 
 def test_fc_densenet103_matches_the_paper():
     model = build_fc_densenet103(input_size=64, num_classes=1)
-    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    convs = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
     assert len(convs) == 103  # the "one hundred layers" (Jégou et al. 2017, Table 2)
     assert 9.3e6 < model.count_params() < 9.5e6  # published: 9.4 M
     assert model.output.shape[1:] == (64, 64, 1)

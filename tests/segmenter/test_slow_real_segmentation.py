@@ -36,7 +36,8 @@ def test_scratch_unet_beats_a_dice_floor_on_held_out_patients(shared_cxr, tmp_pa
     t_train = time.perf_counter() - t0
     m = evaluate_segmenter_job(tmp_path / "m", records, tmp_path / "e", n_boot=500)  # held-out patients only
     with capsys.disabled():
-        print(f"\n[slow] {kind}: U-Net {size}px {epochs} ep (scratch preset), {len(records)} images, train {t_train:.0f} s; "
+        print(f"\n[slow] {kind}: U-Net {size}px {epochs} ep (scratch preset), {len(records)} images, "
+              f"train {t_train:.0f} s; "
               f"held-out n={m['n']}: Dice {m['dice']['value']:.3f} {m['dice']['ci95']}, IoU {m['iou']['value']:.3f}")
     assert m["evaluated"]["excluded_training_images"] > 0
     assert m["dice"]["value"] >= floor
