@@ -240,3 +240,25 @@ def split_counts(records: Sequence[Record], splits: dict[str, str]) -> dict[str,
         if s is not None and r.label in spec.CLASS_NAMES:
             out[s][r.label] += 1
     return out
+
+
+@dataclass
+class SplitPlan:
+    """A patient-level split of the readable records, with what it was made from."""
+
+    usable: list[Record]  # the records whose image could be read (hashed)
+    hashes: dict[str, int]  # record key → perceptual hash
+    groups: dict[str, str]  # record key → patient / near-duplicate group
+    assignment: dict[str, str]  # record key → "train" | "val" | "test"
+    leaks: list[Leak]  # near-duplicates or patients across splits
+
+
+def plan_split(records: Sequence[Record], *, splits: dict[str, str] | None = None, val: float = 0.15,
+               test: float = 0.15, seed: int = 0, failures=None, progress=None) -> SplitPlan:
+    """Hash every image once, group by patient and near-duplicate once, then take ``splits`` as given
+    or make a stratified patient-level split; the leaks across the result are listed."""
+    hashes = hash_records(records, failures, progress=progress)
+    usable = [r for r in records if r.key in hashes]
+    groups = group_records(usable, hashes)
+    assignment = splits if splits is not None else assign_splits(usable, groups, val=val, test=test, seed=seed)
+    return SplitPlan(usable, hashes, groups, assignment, find_leaks(usable, assignment, hashes))

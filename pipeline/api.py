@@ -17,15 +17,7 @@ from data.errors import UsageError
 from data.masks import SEGMENTATION_SCORES
 from data.runtime.engines import ENGINES
 from data.spec import CLASS_NAMES, DEFAULT_MAX_PIXELS
-from data.splits import (
-    assign_splits,
-    find_leaks,
-    group_records,
-    hash_records,
-    read_splits,
-    split_counts,
-    write_splits,
-)
+from data.splits import plan_split, read_splits, split_counts, write_splits
 from gradcam.export import ANNOTATION_FORMATS
 from pipeline.config import ServeSettings
 from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
@@ -160,13 +152,11 @@ def split_data(
         raise UsageError(f"--val {val} and --test {test} must be fractions in [0, 1) summing below 1")
     records = gather_records(data_dir, manifest=manifest)
     failures = FailureLog()
-    hashes = hash_records(records, failures, progress=lambda rs: progress_bar(rs, desc="hashing", total=len(records)))
-    usable = [r for r in records if r.key in hashes]
-    groups = group_records(usable, hashes)
-    assignment = assign_splits(usable, groups, val=val, test=test, seed=seed)
-    leaks = find_leaks(usable, assignment, hashes)
-    write_splits(out, usable, assignment, groups)
-    return SplitResult(out, split_counts(usable, assignment), len(set(groups.values())), failures.items, len(leaks))
+    plan = plan_split(records, val=val, test=test, seed=seed, failures=failures,
+                      progress=lambda rs: progress_bar(rs, desc="hashing", total=len(records)))
+    write_splits(out, plan.usable, plan.assignment, plan.groups)
+    return SplitResult(out, split_counts(plan.usable, plan.assignment), len(set(plan.groups.values())), failures.items,
+                       len(plan.leaks))
 
 
 # --- The commands' work, one function each; pipeline.cli parses arguments, calls these and prints. ---

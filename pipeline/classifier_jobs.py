@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,14 +20,13 @@ from data.files import write_json
 from data.splits import SPLIT_NAMES, read_splits, select_split
 from pipeline.common import (
     held_out_records,
+    load_settings,
     patient_ids,
     prepare_output_dir,
-    resolve_splits,
-    run_metadata,
+    run_training_job,
     write_failures,
 )
-from pipeline.config import build_settings, read_toml, settings_to_toml
-from pipeline.report import plot_confusion, plot_history, plot_reliability, plot_roc
+from pipeline.report import plot_confusion, plot_reliability, plot_roc
 
 
 @dataclass
@@ -53,29 +51,17 @@ def train_classifier_job(
     verbose: int | None = None,
 ):
     """Train a classifier on the train split of ``records`` and validate on its val split."""
+    from ensemble.members import resolve_weights
     from ensemble.train import ClassifierSettings, train_classifier, with_preset
 
-    values = read_toml(config) if config is not None else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = build_settings(ClassifierSettings, with_preset(values), source=str(config or "arguments"))
-    from ensemble.members import resolve_weights
-
+    settings = load_settings(ClassifierSettings, with_preset, config, overrides)
     for m in settings.members:  # local weight files are checked before any image is read
         resolve_weights(m, settings.weights)
-    out = prepare_output_dir(out)
-    t0 = time.perf_counter()
-    assignment = resolve_splits(records, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
-    train = select_split(records, assignment, "train")
-    val = select_split(records, assignment, "val")
-    if not train or not val:
-        raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images; need both")
-    (out / "config.toml").write_text(settings_to_toml(settings.to_dict()))
-    write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
-    result = train_classifier(settings, train, val, out, verbose=verbose)
-    plot_history(result.history, out / "training_curves.png")
-    write_failures(out / "failures.csv", result.failures)
-    counts = {s: sum(1 for v in assignment.values() if v == s) for s in SPLIT_NAMES}
-    return TrainJobResult(out, result.history, result.temperature, counts, result.failures, time.perf_counter() - t0)
+    run = run_training_job(records, out, settings, train_classifier, splits=splits, allow_leaks=allow_leaks,
+                           progress=progress, verbose=verbose)
+    counts = {s: sum(1 for v in run.assignment.values() if v == s) for s in SPLIT_NAMES}
+    return TrainJobResult(run.out, run.result.history, run.result.temperature, counts, run.result.failures,
+                          run.seconds)
 
 
 @dataclass

@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.runtime.bundle import SIDECAR, git_revision, package_versions
-from data.splits import assign_splits, find_leaks, group_records, hash_records, read_splits, write_splits
+from data.splits import plan_split, read_splits, select_split, write_splits
+from pipeline.config import build_settings, read_toml, settings_to_toml
+
+T = TypeVar("T")
 
 
 def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = SIDECAR) -> Path:
@@ -30,25 +34,18 @@ def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = SIDECAR) ->
 def resolve_splits(records: Sequence[Record], splits: str | os.PathLike[str] | None, out: Path, *,
                    seed: int, allow_leaks: bool, progress=None) -> dict[str, str]:
     """Read ``splits`` (or make a patient-level split), check for leaks, save a copy in ``out``."""
-    failures = FailureLog()
-    hashes = hash_records(records, failures, progress=progress)
-    usable = [r for r in records if r.key in hashes]
-    if splits is not None:
-        assignment = read_splits(splits)
-        unknown = [r.key for r in usable if r.key not in assignment]
-        if len(unknown) == len(usable):
-            raise DatasetError(f"{splits}: names none of the images (e.g. {usable[0].key}); "
+    plan = plan_split(records, splits=read_splits(splits) if splits is not None else None, seed=seed,
+                      failures=FailureLog(), progress=progress)
+    if splits is not None and plan.usable and not any(r.key in plan.assignment for r in plan.usable):
+        raise DatasetError(f"{splits}: names none of the images (e.g. {plan.usable[0].key}); "
                            "was it made for this folder?")
-    else:
-        assignment = assign_splits(usable, group_records(usable, hashes), seed=seed)
-    leaks = find_leaks(usable, assignment, hashes)
-    if leaks and not allow_leaks:
-        shown = "; ".join(leak.describe() for leak in leaks[:5])
+    if plan.leaks and not allow_leaks:
+        shown = "; ".join(leak.describe() for leak in plan.leaks[:5])
         raise DatasetError(
-            f"{len(leaks)} leak(s) across splits: {shown}. Fix the splits (cxr data split) or pass --allow-leaks"
+            f"{len(plan.leaks)} leak(s) across splits: {shown}. Fix the splits (cxr data split) or pass --allow-leaks"
         )
-    write_splits(out / "splits.csv", usable, assignment, group_records(usable, hashes))
-    return assignment
+    write_splits(out / "splits.csv", plan.usable, plan.assignment, plan.groups)
+    return plan.assignment
 
 
 def held_out_records(records: Sequence[Record], model_dir: str | os.PathLike[str], *,
@@ -100,3 +97,48 @@ def write_failures(path: Path, failures: Sequence[tuple[str, str]]) -> None:
         w = csv.writer(handle)
         w.writerow(["file", "reason"])
         w.writerows(failures)
+
+
+def load_settings(cls: type[T], with_preset: Callable[[dict[str, Any]], dict[str, Any]],
+                  config: str | os.PathLike[str] | None, overrides: dict[str, Any] | None) -> T:
+    """Settings of a training job: the TOML ``config`` (if any), then ``overrides`` (None values
+    ignored), completed by the preset rule, checked (pipeline.config.build_settings)."""
+    values = read_toml(config) if config is not None else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_settings(cls, with_preset(values), source=str(config or "arguments"))
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`run_training_job` leaves: the folder, the split, and the trainer's own result."""
+
+    out: Path
+    assignment: dict[str, str]
+    train: list[Record]
+    val: list[Record]
+    result: Any  # the trainer's result: .history and .failures at least
+    seconds: float
+
+
+def run_training_job(records: Sequence[Record], out: str | os.PathLike[str], settings: Any, train_fn: Callable, *,
+                     splits: str | os.PathLike[str] | None, allow_leaks: bool, progress=None,
+                     verbose: int | None = None, what: str = "", fix: str = "") -> TrainingRun:
+    """The sequence both trainers' jobs share: claim a new output folder, resolve and save the
+    patient-level split, record the settings (config.toml, run.json), train on the train split
+    with the val split, then plot the curves and list the unreadable files."""
+    from data.files import write_json
+    from pipeline.report import plot_history
+
+    out = prepare_output_dir(out)
+    t0 = time.perf_counter()
+    assignment = resolve_splits(records, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
+    train, val = select_split(records, assignment, "train"), select_split(records, assignment, "val")
+    if not train or not val:
+        raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images{what}; "
+                           f"need both{fix}")
+    (out / "config.toml").write_text(settings_to_toml(settings.to_dict()))
+    write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
+    result = train_fn(settings, train, val, out, verbose=verbose)
+    plot_history(result.history, out / "training_curves.png")
+    write_failures(out / "failures.csv", result.failures)
+    return TrainingRun(out, assignment, train, val, result, time.perf_counter() - t0)

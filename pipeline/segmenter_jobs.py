@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,14 +17,13 @@ from data.masks import SEGMENTATION_SCORES
 from data.splits import read_splits, select_split
 from pipeline.common import (
     held_out_records,
+    load_settings,
     patient_ids,
     prepare_output_dir,
-    resolve_splits,
-    run_metadata,
+    run_training_job,
     write_failures,
 )
-from pipeline.config import build_settings, read_toml, settings_to_toml
-from pipeline.report import plot_gallery, plot_history
+from pipeline.report import plot_gallery
 
 
 @dataclass
@@ -47,11 +45,9 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     from segmenter.train import train_segmenter
     from segmenter.unet import ENCODER_FILE
 
-    values = read_toml(config) if config is not None else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    settings = build_settings(SegmenterSettings, with_preset(values), source=str(config or "arguments"))
-    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE,
-                         what="densenet121")  # local files, before any image
+    settings = load_settings(SegmenterSettings, with_preset, config, overrides)
+    # local weight files are checked before any image is read
+    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE, what="densenet121")
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
@@ -59,19 +55,11 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     if len(with_mask) < 3:
         raise DatasetError(f"only {len(with_mask)} image(s) have {' and '.join(settings.mask_kinds)} masks; "
                            "check --masks and --kind")
-    out = prepare_output_dir(out)
-    t0 = time.perf_counter()
-    assignment = resolve_splits(with_mask, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
-    train, val = select_split(with_mask, assignment, "train"), select_split(with_mask, assignment, "val")
-    if not train or not val:
-        raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images with "
-                           f"{settings.kind!r} masks; need both (add masks or pass --splits)")
-    (out / "config.toml").write_text(settings_to_toml(settings.to_dict()))
-    write_json(out / "run.json", run_metadata(settings.to_dict(), seed=settings.seed))
-    result = train_segmenter(settings, train, val, out, verbose=verbose)
-    plot_history(result.history, out / "training_curves.png")
-    write_failures(out / "failures.csv", result.failures)
-    return SegTrainJobResult(out, result.history, len(train), len(val), result.failures, time.perf_counter() - t0)
+    run = run_training_job(with_mask, out, settings, train_segmenter, splits=splits, allow_leaks=allow_leaks,
+                           progress=progress, verbose=verbose, what=f" with {settings.kind!r} masks",
+                           fix=" (add masks or pass --splits)")
+    return SegTrainJobResult(run.out, run.result.history, len(run.train), len(run.val), run.result.failures,
+                             run.seconds)
 
 
 def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
