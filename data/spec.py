@@ -17,6 +17,8 @@ SEGMENT_CLASSES: Final[tuple[str, ...]] = ("pneumonia", "covid")
 
 #: Default square side, in pixels, that images are brought to for stage 1.
 DEFAULT_IMAGE_SIZE: Final[int] = 224
+#: The paper's stage-2 (segmenter) input side.
+DEFAULT_SEGMENTER_SIZE: Final[int] = 256
 
 #: Pixel contract of every model input: RGB float32, shape (N, H, W, 3), values in [0, 255].
 CHANNELS: Final[int] = 3

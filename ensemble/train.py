@@ -22,8 +22,8 @@ from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.runtime.training import (
     FitRecipe,
+    RecipeSettings,
     apply_preset,
-    check_recipe,
     fit_best,
     prepare_for_training,
     reestimate_batchnorm,
@@ -72,7 +72,7 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ClassifierSettings:
+class ClassifierSettings(RecipeSettings):
     """Everything that decides a trained classifier. Defaults follow the paper where it says."""
 
     members: tuple[str, ...] = ("densenet121", "efficientnetb0", "vgg19")
@@ -89,19 +89,7 @@ class ClassifierSettings:
     epochs: int = 60
     class_weights: str | dict[str, float] = "balanced"
     augment: bool = True
-    early_stopping_patience: int = 10
-    reduce_lr_patience: int = 4
-    reduce_lr_factor: float = 0.5
-    seed: int = 0
-    run_eagerly: bool = False
-    preset: str = "paper"
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "plateau"
-    warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    bn_momentum: float | None = None  # None keeps Keras' 0.99
-    bn_reestimate_batches: int = 0
     member_lr_scale: dict[str, float] | None = None  # soft vote: each member's LR = learning_rate × scale
     refer_target_error: float = DEFAULT_TARGET_ERROR  # error allowed among validation images not referred
     fit_member_weights: bool = False  # soft vote: weights fitted on validation NLL instead of equal ones
@@ -120,19 +108,13 @@ class ClassifierSettings:
             if unknown or missing:
                 raise ValueError(f"class_weights needs exactly {list(spec.CLASS_NAMES)}; unknown {sorted(unknown)}, "
                                  f"missing {sorted(missing)}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
-        check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
-                     epochs=self.epochs, label_smoothing=self.label_smoothing, bn_momentum=self.bn_momentum,
-                     weight_decay=self.weight_decay)
+        self.check_recipe_fields(presets=PRESETS, epochs=self.epochs, label_smoothing=self.label_smoothing)
         if self.member_lr_scale:
             unknown = sorted(set(self.member_lr_scale) - set(MEMBERS))
             if unknown:
                 raise ValueError(f"member_lr_scale names unknown member(s) {unknown}; valid: {', '.join(MEMBERS)}")
             if any(not 0 < v <= 100 for v in self.member_lr_scale.values()):
                 raise ValueError(f"member_lr_scale values must be in (0, 100], got {self.member_lr_scale}")
-        if self.bn_reestimate_batches < 0:
-            raise ValueError("bn_reestimate_batches must be ≥ 0")
         if self.fit_member_weights and self.member_weights is not None:
             raise ValueError("give member_weights or fit_member_weights = true, not both")
         if not 0.0 < self.refer_target_error < 1.0:

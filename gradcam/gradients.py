@@ -17,7 +17,10 @@ def split_at(model: keras.Model, feature_layer: str, score_layer: str):
     feats = model.get_layer(feature_layer).output
     head = model.get_layer(score_layer)
     target = head.input if isinstance(head, keras.layers.Dense) else head.output
-    return keras.Model(model.inputs, feats), keras.Model(feats, target), head
+    # A single input is passed as a tensor, not a one-element list: the structure Keras expects when
+    # the sub-model is called on one batch (otherwise it warns on every call).
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, feats), keras.Model(feats, target), head
 
 
 def _logits(head, target, ops):

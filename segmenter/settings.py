@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import keras
 
 from data import spec
-from data.runtime.training import apply_preset, check_recipe
+from data.runtime.training import RecipeSettings, apply_preset
 from segmenter.losses import get_loss
 from segmenter.tiramisu import build_fc_densenet103
 from segmenter.unet import build_unet
@@ -20,8 +20,6 @@ ARCHS = ("unet-densenet121", "fc-densenet103")
 #: "binary": lesion vs background, sigmoid. "lung-lesion": background / lung / lesion, softmax,
 #: trained from a lung mask and a lesion mask (lesion wins where both are set).
 CLASS_SCHEMES = ("binary", "lung-lesion")
-#: The paper's segmenter input side (the classifier's is data.spec.DEFAULT_IMAGE_SIZE).
-DEFAULT_SEGMENTER_SIZE = 256
 
 
 #: Named recipes (as ensemble.train.PRESETS): "paper" is the dataclass defaults (Adam 1e-4, 40
@@ -51,12 +49,12 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class SegmenterSettings:
+class SegmenterSettings(RecipeSettings):
     """Everything that decides a trained segmenter (paper: lr 1e-4, batch 30, 40 epochs)."""
 
     arch: str = "unet-densenet121"
     kind: str = "infection"
-    image_size: int = DEFAULT_SEGMENTER_SIZE
+    image_size: int = spec.DEFAULT_SEGMENTER_SIZE
     resize_mode: str = spec.DEFAULT_RESIZE_MODE
     clahe: bool = False
     weights: str | None = "imagenet"  # encoder initialisation (U-Net only)
@@ -68,28 +66,11 @@ class SegmenterSettings:
     batch_size: int = 8
     epochs: int = 40
     augment: bool = True
-    early_stopping_patience: int = 10
-    reduce_lr_patience: int = 4
-    reduce_lr_factor: float = 0.5
     threshold: float = 0.5
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
-    seed: int = 0
-    run_eagerly: bool = False
-    preset: str = "paper"
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "plateau"
-    warmup_epochs: int = 0
-    bn_momentum: float | None = None  # None keeps Keras' 0.99
-    bn_reestimate_batches: int = 0
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
-        check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
-                     epochs=max(self.epochs, 1), bn_momentum=self.bn_momentum, weight_decay=self.weight_decay)
-        if self.bn_reestimate_batches < 0:
-            raise ValueError("bn_reestimate_batches must be ≥ 0")
+        self.check_recipe_fields(presets=PRESETS, epochs=self.epochs)
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         get_loss(self.loss)

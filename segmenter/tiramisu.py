@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from data import spec
 from data.runtime.layers import torch_normalization
 from segmenter.unet import head_activation, validate_size
 
@@ -51,7 +52,7 @@ def _transition_down(x, filters: int, dropout: float, name: str):
 
 def build_fc_densenet103(
     *,
-    input_size: int = 256,  # the paper's; segmenter.settings.DEFAULT_SEGMENTER_SIZE
+    input_size: int = spec.DEFAULT_SEGMENTER_SIZE,
     num_classes: int = 1,
     growth: int = GROWTH,
     down_layers: tuple[int, ...] = DOWN_LAYERS,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from data import spec
 from data.runtime.layers import torch_normalization
 from data.runtime.weights import build_application, resolve_weights_file
 
@@ -43,7 +44,7 @@ def head_activation(num_classes: int) -> str:
 
 def build_unet(
     *,
-    input_size: int = 256,  # the paper's; segmenter.settings.DEFAULT_SEGMENTER_SIZE
+    input_size: int = spec.DEFAULT_SEGMENTER_SIZE,
     num_classes: int = 1,
     weights: str | None = None,
     decoder_filters: tuple[int, ...] = DECODER_FILTERS,

@@ -50,6 +50,35 @@ def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs
         raise ValueError(f"weight_decay {weight_decay} must be ≥ 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class RecipeSettings:
+    """The training-recipe fields both stages' settings share (ClassifierSettings and SegmenterSettings
+    derive from this; :class:`FitRecipe` reads them). Defaults: the paper's Adam with plateau LR."""
+
+    seed: int = 0
+    run_eagerly: bool = False
+    preset: str = "paper"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
+    early_stopping_patience: int = 10
+    reduce_lr_patience: int = 4
+    reduce_lr_factor: float = 0.5
+    bn_momentum: float | None = None  # None keeps Keras' 0.99
+    bn_reestimate_batches: int = 0
+
+    def check_recipe_fields(self, *, presets: Mapping[str, Any], epochs: int, label_smoothing: float = 0.0) -> None:
+        """ValueError naming the first bad recipe value (called by the subclasses' __post_init__)."""
+        if self.preset not in presets:
+            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(presets)}")
+        check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
+                     epochs=max(epochs, 1), label_smoothing=label_smoothing, bn_momentum=self.bn_momentum,
+                     weight_decay=self.weight_decay)
+        if self.bn_reestimate_batches < 0:
+            raise ValueError("bn_reestimate_batches must be ≥ 0")
+
+
 def build_optimizer(name: str, learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,
                     warmup_epochs: int = 0, weight_decay: float = 0.0) -> keras.optimizers.Optimizer:
     """Adam or AdamW; "cosine" decays to 0 over the run after a linear warm-up from 0 (the warm-up
