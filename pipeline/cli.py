@@ -244,24 +244,24 @@ def _existing_file(value: str) -> str:
     return value
 
 
-def _fraction(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= f < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
-    return f
+def _checked(convert: Callable[[str], float], ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``convert`` the text, then require ``ok`` (the message says ``rule``)."""
+    what = "an integer" if convert is int else "a number"
+
+    def parse(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        if not ok(number):
+            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
+        return number
+
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be ≥ 1")
-    return n
+_fraction = _checked(float, lambda f: 0.0 <= f < 1.0, "in [0, 1)")
+_positive_int = _checked(int, lambda n: n >= 1, "≥ 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -239,20 +239,7 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             raise HTTPException(503, f"server busy: {err}") from None
         analysis, original = await asyncio.wrap_future(future)
         files = await run_in_threadpool(render_files, analysis, original)
-        token = store.put(files)
-        base = f"/v1/results/{token}"
-        return {
-            "label": analysis.label,
-            "probabilities": analysis.probabilities,
-            "confidence": analysis.confidence,
-            "refer": analysis.refer,
-            "refer_reason": analysis.refer_reason,
-            **analysis.stage2_fields(),
-            "width": int(original.shape[1]),
-            "height": int(original.shape[0]),
-            "urls": {name.removesuffix(".png"): f"{base}/{name}" for name in files},
-            "note": "research use only; not for diagnosis",
-        }
+        return prediction_body(analysis, original, files, store.put(files))
 
     @app.get("/v1/results/{token}/{name}", responses={200: {"content": {"image/png": {}}},
                                                       404: {"model": schema.Error}})
@@ -262,23 +249,43 @@ def create_app(classifier, segmenter, lung_model=None, *, settings: ServeSetting
             raise HTTPException(404, "no such result (results expire, and ids are per request)")
         return Response(body, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, err: RequestValidationError) -> JSONResponse:
-        # FastAPI's default body echoes the client's input ("input": the whole upload, if sent as a
-        # plain form field); say where the request is wrong and what is expected, never what it held.
-        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                    for e in err.errors()]
-        return JSONResponse({"detail": problems}, status_code=422)
-
-    @app.middleware("http")
-    async def security_headers(request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
-
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.middleware("http")(_security_headers)
     return app
+
+
+def prediction_body(analysis: ImageAnalysis, original: np.ndarray, files: dict[str, bytes],
+                    token: str) -> dict[str, Any]:
+    """The JSON answer to one upload (schema.Prediction); its pictures are served under ``token``."""
+    base = f"/v1/results/{token}"
+    return {
+        "label": analysis.label,
+        "probabilities": analysis.probabilities,
+        "confidence": analysis.confidence,
+        "refer": analysis.refer,
+        "refer_reason": analysis.refer_reason,
+        **analysis.stage2_fields(),
+        "width": int(original.shape[1]),
+        "height": int(original.shape[0]),
+        "urls": {name.removesuffix(".png"): f"{base}/{name}" for name in files},
+        "note": "research use only; not for diagnosis",
+    }
+
+
+async def _validation_error(request, err: RequestValidationError) -> JSONResponse:
+    # FastAPI's default body echoes the client's input ("input": the whole upload, if sent as a
+    # plain form field); say where the request is wrong and what is expected, never what it held.
+    problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                for e in err.errors()]
+    return JSONResponse({"detail": problems}, status_code=422)
+
+
+async def _security_headers(request, call_next):
+    response = await call_next(request)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
 
 
 def _version() -> str:
