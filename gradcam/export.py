@@ -52,33 +52,54 @@ def encode_coco_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def write_coco(drafts: Sequence[Draft], path: Path, categories: Sequence[str]) -> Path:
-    """COCO instances JSON (CVAT "COCO 1.0"): every image listed, one RLE annotation per region."""
+@dataclass(frozen=True)
+class Instance:
+    """One object of a COCO instances file: its mask as COCO RLE, box (x, y, w, h), area, score."""
+
+    label: str
+    rle: dict
+    bbox: tuple[int, int, int, int]
+    area: int
+    score: float
+
+
+def write_coco_instances(images: Sequence[tuple[str, int, int, Sequence[Instance]]], path: Path,
+                         categories: Sequence[str], *, description: str, source: str) -> Path:
+    """COCO instances JSON (CVAT "COCO 1.0"): every image (name, width, height) listed, one RLE
+    annotation (``iscrowd`` 1, as CVAT writes masks) per instance."""
     cat_ids = {name: i + 1 for i, name in enumerate(categories)}
-    images, annotations = [], []
-    for image_id, d in enumerate(sorted(drafts, key=lambda d: d.name), start=1):
-        images.append({"id": image_id, "file_name": d.name, "width": d.width, "height": d.height})
-        if d.mask is None:
-            continue
-        for r in regions(d.mask):
+    coco_images, annotations = [], []
+    for image_id, (name, width, height, instances) in enumerate(sorted(images, key=lambda i: i[0]), start=1):
+        coco_images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for inst in instances:
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,
-                "category_id": cat_ids[d.label],
-                "segmentation": encode_coco_rle(r.mask),
-                "area": r.area,
-                "bbox": list(r.bbox),
+                "category_id": cat_ids[inst.label],
+                "segmentation": inst.rle,
+                "area": inst.area,
+                "bbox": list(inst.bbox),
                 "iscrowd": 1,
-                "attributes": {"score": round(float(d.score), 6), "source": "grad-cam draft"},
+                "attributes": {"score": round(inst.score, 6), "source": source},
             })
     coco = {
-        "info": {"description": "cxr Grad-CAM draft masks", "version": "1.0"},
+        "info": {"description": description, "version": "1.0"},
         "licenses": [],
         "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in cat_ids.items()],
-        "images": images,
+        "images": coco_images,
         "annotations": annotations,
     }
     return write_json(path, coco, sort_keys=True)
+
+
+def write_coco(drafts: Sequence[Draft], path: Path, categories: Sequence[str]) -> Path:
+    """The drafts as COCO instances: every image listed, one RLE annotation per connected region."""
+    images = [(d.name, d.width, d.height,
+               [] if d.mask is None else [Instance(d.label, encode_coco_rle(r.mask), r.bbox, r.area, d.score)
+                                          for r in regions(d.mask)])
+              for d in drafts]
+    return write_coco_instances(images, path, categories, description="cxr Grad-CAM draft masks",
+                                source="grad-cam draft")
 
 
 def labelstudio_config(categories: Sequence[str]) -> str:

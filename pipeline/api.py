@@ -264,13 +264,18 @@ def load_models(classifier: PathLike, segmenter: PathLike, lung_model: PathLike 
 
 
 def run_folder(image_dir: PathLike, out: PathLike, models: Models, *, segment_all: bool = False,
-               batch_size: int = 8, max_pixels: int | None = None, progress=None):
-    """`cxr run`: both stages over a folder, resumable (pipeline.run.run_pipeline)."""
+               batch_size: int = 8, max_pixels: int | None = None, pseudonymize: bool = False,
+               pseudonym_map: PathLike | None = None, progress=None):
+    """`cxr run`: both stages over a folder, resumable (pipeline.run.run_pipeline). ``pseudonymize``:
+    inputs are named by keyed pseudonyms in every output, the key and real names kept in
+    ``pseudonym_map`` (default ``<out>.pseudonyms.json``, outside ``out``; pipeline.privacy)."""
+    from pipeline.privacy import input_names
     from pipeline.run import run_pipeline
 
+    names = input_names(out, pseudonymize=pseudonymize, map_path=pseudonym_map)
     return run_pipeline(image_dir, out, classifier=models.classifier, segmenter=models.segmenter,
                         lung_model=models.lung_model, segment_all=segment_all, batch_size=batch_size,
-                        progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                        progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, names=names)
 
 
 @dataclass

@@ -186,7 +186,8 @@ def _load_models(args: argparse.Namespace) -> api.Models:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     res = api.run_folder(args.dir, args.out, _load_models(args), segment_all=args.segment_all,
-                         batch_size=args.batch_size, max_pixels=args.max_pixels, progress=_progress("run"))
+                         batch_size=args.batch_size, max_pixels=args.max_pixels, pseudonymize=args.pseudonymize,
+                         pseudonym_map=args.pseudonym_map, progress=_progress("run"))
     print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
     print(f"report: {res.report}")
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
@@ -424,6 +425,7 @@ def _add_pipeline_commands(sub) -> None:
     rn.add_argument("--out", required=True)
     rn.add_argument("--segment-all", action="store_true", help="segment every image, not only pneumonia/covid")
     rn.add_argument("--batch-size", type=_positive_int, default=8)
+    _pseudonym_args(rn)
     _max_pixels_arg(rn)
     _engine_arg(rn)
     rn.set_defaults(func=_cmd_run)
@@ -470,6 +472,15 @@ def _add_pipeline_commands(sub) -> None:
     rp.add_argument("experiment", type=_existing_file)
     rp.add_argument("--out", help="run directory (default runs/<name>)")
     rp.set_defaults(func=_cmd_reproduce)
+
+
+def _pseudonym_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pseudonymize", action="store_true",
+                   help="name every input by a keyed pseudonym in every output (file names often carry patient "
+                        "names or accession numbers); the key and the real names go to --pseudonym-map")
+    p.add_argument("--pseudonym-map",
+                   help="with --pseudonymize: the JSON file that keeps the key and the real names, outside --out "
+                        "(default OUT.pseudonyms.json beside it); keep it private, reuse it to resume")
 
 
 def _max_pixels_arg(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,9 @@ refuses) gets a failure row and the run goes on; the next run retries it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -32,8 +34,10 @@ import numpy as np
 from data import spec
 from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
 from data.files import write_png, write_text_atomic
+from gradcam.export import Instance, encode_coco_rle, write_coco_instances
 from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.outputs import claim_output, describe_os_error, output_name
+from pipeline.privacy import InputNames
 from pipeline.report_html import REPORT_LESIONS, write_report
 
 RESULT_COLUMNS = ("file", "label", *(f"p_{c}" for c in spec.CLASS_NAMES), "confidence", "refer", "refer_reason",
@@ -106,6 +110,24 @@ def check_run_inputs(image_dir: Path, out: Path, identity: dict[str, Any]) -> li
     return paths
 
 
+def run_identity(image_dir: Path, classifier, segmenter, lung_model, *, segment_all: bool,
+                 names: InputNames) -> dict[str, Any]:
+    """What a rerun into the same folder must match: inputs, models, their engine, settings, naming.
+
+    The input folder is kept as a hash of its absolute path (folder names can name a patient).
+    """
+    folder = str(image_dir.resolve()).encode("utf-8", "surrogateescape")
+    return {
+        "images_sha256": hashlib.sha256(folder).hexdigest()[:16],
+        "classifier": classifier.checkpoint_sha256,
+        "segmenter": segmenter.checkpoint_sha256,
+        "lung_model": lung_model.checkpoint_sha256 if lung_model else None,
+        "engine": classifier.engine,
+        "segment_all": segment_all,
+        "pseudonym_key": names.fingerprint(),
+    }
+
+
 def run_pipeline(
     image_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -119,6 +141,7 @@ def run_pipeline(
     stop_after: int | None = None,
     model_note: str = "",
     max_pixels: int = spec.DEFAULT_MAX_PIXELS,
+    names: InputNames | None = None,
 ) -> RunResult:
     """Run both stages over ``image_dir`` into ``out`` (see the module docstring).
 
@@ -127,25 +150,24 @@ def run_pipeline(
     the report's summary (the demo states its classifier's held-out accuracy there). ``max_pixels``:
     larger images are refused (their failure row says so). DatasetError (nothing lost) when ``out``
     cannot be claimed or a log cannot be written, e.g. on a full disk: rerun the same command.
+    ``names``: how inputs are named in the outputs (pipeline.privacy; default their relative paths).
     """
     image_dir, out = Path(image_dir), Path(out)
-    identity = {
-        "images": str(image_dir.resolve()),
-        "classifier": classifier.checkpoint_sha256,
-        "segmenter": segmenter.checkpoint_sha256,
-        "lung_model": lung_model.checkpoint_sha256 if lung_model else None,
-        "segment_all": segment_all,
-    }
+    names = names or InputNames()
+    identity = run_identity(image_dir, classifier, segmenter, lung_model, segment_all=segment_all, names=names)
     with claim_output(out, job="run"):
         try:
             paths = check_run_inputs(image_dir, out, identity)
+            names.save()  # the key first: a run stopped half-way resumes with the same pseudonyms
             job = _FolderRun(image_dir, out, classifier=classifier, segmenter=segmenter, lung_model=lung_model,
-                             segment_all=segment_all, stop_after=stop_after)
+                             segment_all=segment_all, stop_after=stop_after, names=names)
             n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels)
             rows, fails = job.final_logs()
             _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
             _write_csv(out / "failures.csv", ("file", "reason"), fails)
             report = write_report(out, rows, fails, identity, model_note)
+            write_lesions_coco(out, segmenter.kind)
+            names.save()
         except OSError as err:
             raise DatasetError(f"run stopped: {describe_os_error(err)}") from None
     return RunResult(out, n_done, n_skipped, len(fails), report)
@@ -159,8 +181,8 @@ class _FolderRun:
     """
 
     def __init__(self, image_dir: Path, out: Path, *, classifier, segmenter, lung_model, segment_all: bool,
-                 stop_after: int | None) -> None:
-        self.image_dir, self.out = image_dir, out
+                 stop_after: int | None, names: InputNames) -> None:
+        self.image_dir, self.out, self.names = image_dir, out, names
         self.models = dict(classifier=classifier, segmenter=segmenter, lung_model=lung_model, segment_all=segment_all)
         self.stop_after = stop_after
         self.n_done = 0
@@ -169,30 +191,35 @@ class _FolderRun:
         """(images finished now, images finished by earlier runs)."""
         out, clf = self.out, self.models["classifier"]
         done = set(_read_log(out / "results.jsonl", itemgetter("file")))
-        done |= {f["file"] for f in _read_log(out / "failures.jsonl") if f.get("stage") != "write"}
-        todo = [p for p in paths if self._rel(p) not in done]
+        # A file that failed to decode is not tried again unless it changed since (a re-export, say).
+        failed = {f["file"]: f.get("fingerprint") for f in _read_log(out / "failures.jsonl")
+                  if f.get("stage") != "write"}
+        todo = [p for p in paths
+                if self._rel(p) not in done and failed.get(self._rel(p), "retry") != _fingerprint(p)]
         self.results, self.failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
         heads = clf.head_weights()
         failures, logged = FailureLog(), 0
+        ticks = iter(progress(range(len(todo)))) if progress else iter(())  # per image: a total and an ETA
         # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
         # batch waits for it, so memory stays flat. Its errors (a log it cannot write) surface at the next batch.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         written: Future | None = None
         try:
-            batches = clf.stream(todo, batch_size=batch_size, failures=failures, keep_original=True,
-                                 max_pixels=max_pixels)
-            for batch in (progress(batches) if progress else batches):
-                logged = self._log_read_failures(failures, logged)
-                analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
+            with contextlib.suppress(_Stop):  # stop_after reached
+                batches = clf.stream(todo, batch_size=batch_size, failures=failures, keep_original=True,
+                                     max_pixels=max_pixels)
+                for batch in batches:
+                    before, logged = logged, self._log_read_failures(failures, logged)
+                    _advance(ticks, len(batch.paths) + logged - before)
+                    analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(self._write_batch, batch, analyses)
                 if written is not None:
                     written.result()
-                written = writer.submit(self._write_batch, batch, analyses)
-            if written is not None:
-                written.result()
-            self._log_read_failures(failures, logged)
-        except _Stop:
-            pass
+                _advance(ticks, self._log_read_failures(failures, logged) - logged)
         finally:
+            getattr(ticks, "close", lambda: None)()
             writer.shutdown(wait=True)
             self.results.close()
             self.failures_log.close()
@@ -207,11 +234,14 @@ class _FolderRun:
         return rows, list(fails.values())
 
     def _rel(self, path: Path) -> str:
-        return path.relative_to(self.image_dir).as_posix()
+        """The name this input has in the outputs (its relative path, or its pseudonym)."""
+        return self.names.name(path.relative_to(self.image_dir).as_posix())
 
     def _log_read_failures(self, failures: FailureLog, logged: int) -> int:
         for path, reason in failures.items[logged:]:
-            self.failures_log.append({"file": self._rel(Path(path)), "reason": reason})
+            rel = Path(path).relative_to(self.image_dir).as_posix()
+            self.failures_log.append({"file": self.names.name(rel), "reason": self.names.scrub(reason, rel),
+                                      "fingerprint": _fingerprint(Path(path))})
         return len(failures.items)
 
     def _write_batch(self, batch, analyses) -> None:
@@ -229,28 +259,69 @@ class _FolderRun:
                 raise _Stop
 
     def _write_pictures(self, rel: str, a: ImageAnalysis, original: np.ndarray) -> dict[str, Any]:
-        """Write one image's pictures (atomically) and return its result row without "file"."""
+        """Write one image's pictures (atomically) and return its result row without "file".
+
+        Besides the overlays and the lesion mask: the lung-field mask (with a lung model) and the
+        lesion instance map (uint16 PNG, k on the k-th lesion of the row); each lesion of the row
+        carries its COCO RLE for the run's ``lesions_coco.json``.
+        """
         images = result_images(a, original)
         names = {"gradcam_overlay": output_name(f"overlays/{rel}", ".gradcam.png")}
+        stage2 = a.stage2_fields()
         if a.seg is not None:
             names.update(mask=output_name(f"masks/{rel}", ".png"),
-                         mask_overlay=output_name(f"overlays/{rel}", ".mask.png"))
-        pictures = {"gradcam_overlay": "gradcam", "mask": "mask", "mask_overlay": "mask_overlay"}
+                         mask_overlay=output_name(f"overlays/{rel}", ".mask.png"),
+                         lesion_instances=output_name(f"masks/{rel}", ".instances.png"))
+            images["lesion_instances"] = a.seg.instances
+            for k, lesion in enumerate(stage2["lesions"], start=1):
+                lesion["rle"] = encode_coco_rle(a.seg.instances == k)
+            if a.seg.lung is not None:
+                names["lung_mask"] = output_name(f"masks/{rel}", ".lung.png")
+                images["lung_mask"] = a.seg.lung.astype(np.uint8) * 255
+        pictures = {"gradcam_overlay": "gradcam"}
         for field, name in names.items():
-            write_png(self.out / name, images[pictures[field]])
+            write_png(self.out / name, images[pictures.get(field, field)])
         return {
             "label": a.label,
             **{f"p_{c}": p for c, p in a.probabilities.items()},
             "confidence": a.confidence,
             "refer": a.refer,
             "refer_reason": a.refer_reason,
-            **a.stage2_fields(),
+            **stage2,
+            "width": int(original.shape[1]),
+            "height": int(original.shape[0]),
             **names,
         }
 
 
 class _Stop(Exception):
     """Internal: ends a run early (``stop_after``)."""
+
+
+def _advance(ticks, n: int) -> None:
+    for _ in range(n):
+        next(ticks, None)
+
+
+def _fingerprint(path: Path) -> str | None:
+    """Size and modification time: a failed file whose fingerprint changed is tried again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def write_lesions_coco(out: Path, category: str) -> Path:
+    """``lesions_coco.json``: every analysed image with its lesion instances (COCO RLE), from results.jsonl."""
+
+    def entry(record: dict[str, Any]) -> tuple[str, int, int, list[Instance]]:
+        lesions = [Instance(category, les["rle"], tuple(les["box"]), les["area_px"], les["score"])
+                   for les in record.get("lesions", []) if "rle" in les]
+        return record["file"], record.get("width", 0), record.get("height", 0), lesions
+
+    return write_coco_instances(_read_log(out / "results.jsonl", entry), out / "lesions_coco.json", [category],
+                                description="cxr stage-2 lesion instances", source="cxr run")
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:

@@ -37,18 +37,36 @@ class Lesion:
 
     box: tuple[int, int, int, int]  # x, y, width, height
     area_px: int
-    lung_pct: float | None
+    lung_pct: float | None  # its pixels inside the lung field, as % of the lung field
     score: float
+
+
+def lesion_instances(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA,
+                     lung: np.ndarray | None = None) -> tuple[np.ndarray, list[Lesion]]:
+    """Threshold a probability map and drop components under ``min_area`` px: (instance map (H, W)
+    uint16, 0 background and k for the k-th lesion, the lesions largest first).
+
+    A lesion's ``lung_pct`` counts its pixels inside the lung field, so the lesions' shares add up
+    to :func:`lung_affected_pct` of the same mask.
+    """
+    p = np.asarray(prob, np.float32)
+    labels, found = components(p >= threshold, min_area=min_area)
+    lung_mask = np.asarray(lung, bool) if lung is not None else None
+    lung_area = int(lung_mask.sum()) if lung_mask is not None else 0
+    instances = np.zeros(p.shape, np.uint16)
+    out = []
+    for k, c in enumerate(found, start=1):
+        pixels = labels == c.label
+        instances[pixels] = k
+        pct = 100.0 * float((pixels & lung_mask).sum()) / lung_area if lung_area else None
+        out.append(Lesion(c.box, c.area, pct, float(p[pixels].mean())))
+    return instances, out
 
 
 def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA,
             lung: np.ndarray | None = None) -> list[Lesion]:
-    """Threshold a probability map, drop components under ``min_area`` px, describe the rest (largest first)."""
-    p = np.asarray(prob, np.float32)
-    labels, found = components(p >= threshold, min_area=min_area)
-    lung_area = int(np.asarray(lung, bool).sum()) if lung is not None else 0
-    return [Lesion(c.box, c.area, 100.0 * c.area / lung_area if lung_area else None, float(p[labels == c.label].mean()))
-            for c in found]
+    """The lesions of :func:`lesion_instances` (largest first)."""
+    return lesion_instances(prob, threshold=threshold, min_area=min_area, lung=lung)[1]
 
 
 def clean_mask(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA) -> np.ndarray:

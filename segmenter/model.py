@@ -14,7 +14,7 @@ from data import spec
 from data.runtime.bundle import SIDECAR, BundleError, load_bundle
 from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
-from segmenter.metrics import Lesion, clean_mask, lesions, lung_affected_pct
+from segmenter.metrics import Lesion, lesion_instances, lung_affected_pct
 
 KIND = "segmenter"
 
@@ -68,6 +68,7 @@ class SegmentedImage:
     lung: np.ndarray | None  # bool (H, W), or None without a lung model
     lesions: list[Lesion]
     lung_affected_pct: float | None
+    instances: np.ndarray | None = None  # uint16 (H, W): 0 background, k the k-th of ``lesions``
 
 
 def segment_image(prob: np.ndarray, seg: Segmenter, lung_prob: np.ndarray | None = None,
@@ -75,7 +76,7 @@ def segment_image(prob: np.ndarray, seg: Segmenter, lung_prob: np.ndarray | None
     """(H, W) lesion probabilities → mask (thresholded, small components dropped), lesion instances
     and the share of lung affected (inside the lung field when ``lung_prob`` is given)."""
     lung = lung_prob >= lung_threshold if lung_prob is not None else None
-    found = lesions(prob, threshold=seg.threshold, min_area=seg.min_lesion_area, lung=lung)
-    mask = clean_mask(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
+    instances, found = lesion_instances(prob, threshold=seg.threshold, min_area=seg.min_lesion_area, lung=lung)
+    mask = instances > 0
     pct = lung_affected_pct(mask, lung) if lung is not None else None
-    return SegmentedImage(mask, lung, found, pct)
+    return SegmentedImage(mask, lung, found, pct, instances)

@@ -113,3 +113,24 @@ def light_bundle(tmp_path_factory, tiny_records):
                                   run_eagerly=True)
     train_classifier(settings, tiny_records[::2] + tiny_records[1::4], tiny_records[3::4], out, verbose=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def loaded_bundles(light_bundle, seg_model):
+    """(classifier, segmenter) loaded once: each load retraces the models' predict functions
+    (seconds per call on 2 cores)."""
+    from ensemble.classifier import load_classifier
+    from segmenter.model import load_segmenter
+
+    return load_classifier(light_bundle), load_segmenter(seg_model)
+
+
+@pytest.fixture
+def models_loaded_once(loaded_bundles, monkeypatch):
+    """The CLI as users call it, with `pipeline.api.load_models` handing out the bundles loaded once
+    (the segmenter doubles as the lung model when one is asked for). Bundle checks have their own tests."""
+    from pipeline import api
+
+    clf, seg = loaded_bundles
+    monkeypatch.setattr(api, "load_models", lambda classifier, segmenter, lung_model=None, **kwargs:
+                        api.Models(clf, seg, seg if lung_model else None))

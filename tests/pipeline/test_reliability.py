@@ -67,21 +67,9 @@ def corpus(tmp_path_factory, bad_corpus):
     return d, expect
 
 
-@pytest.fixture(scope="module")
-def loaded(light_bundle, seg_model):
-    from ensemble.classifier import load_classifier
-    from segmenter.model import load_segmenter
-
-    return load_classifier(light_bundle), load_segmenter(seg_model)
-
-
 @pytest.fixture(autouse=True)
-def _models_loaded_once(loaded, monkeypatch):
-    """The CLI as users call it, with the bundles loaded once for the module (each load retraces the
-    models' predict functions: seconds per call on 2 cores). Bundle checks have their own tests."""
-    from pipeline import api
-
-    monkeypatch.setattr(api, "load_models", lambda *args, **kwargs: api.Models(*loaded))
+def _models_loaded_once(models_loaded_once):
+    """Every test here calls the CLI with the bundles loaded once (conftest.models_loaded_once)."""
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -146,13 +134,13 @@ def test_a_rerun_changes_nothing(corpus, full_run, light_bundle, seg_model):
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
-def test_resumed_run_equals_uninterrupted(corpus, full_run, loaded, light_bundle, seg_model, tmp_path):
+def test_resumed_run_equals_uninterrupted(corpus, full_run, loaded_bundles, light_bundle, seg_model, tmp_path):
     from pipeline.run import run_pipeline
 
     folder, _ = corpus
     _, full = full_run
     part = tmp_path / "part"
-    clf, seg = loaded
+    clf, seg = loaded_bundles
     res = run_pipeline(folder, part, classifier=clf, segmenter=seg, batch_size=4, stop_after=5, segment_all=True)
     assert res.n_done == 5
     with (part / "results.jsonl").open("ab") as handle:

@@ -74,3 +74,19 @@ def test_losses():
     assert float(bce_dice_loss(y, np.clip(y, 0.01, 0.99))) < float(bce_dice_loss(y, np.full_like(y, 0.5)))
     with pytest.raises(ValueError, match="valid: dice, bce_dice, focal_tversky"):
         get_loss("jaccard")
+
+
+def test_lesion_shares_of_lung_add_up_to_the_lung_affected():
+    """A lesion reaching outside the lung field counts only its part inside (as lung_affected_pct does)."""
+    from segmenter.metrics import lesion_instances
+
+    prob = np.zeros((40, 40), np.float32)
+    prob[5:15, 0:20] = 0.9  # 200 px, half of it left of the lung field
+    prob[25:35, 25:35] = 0.8  # 100 px, inside
+    lung = np.zeros((40, 40), bool)
+    lung[:, 10:] = True  # 1200 px
+    instances, found = lesion_instances(prob, threshold=0.5, min_area=16, lung=lung)
+    assert [les.lung_pct for les in found] == pytest.approx([100 * 100 / 1200, 100 * 100 / 1200])
+    assert sum(les.lung_pct for les in found) == pytest.approx(lung_affected_pct(instances > 0, lung))
+    assert instances.dtype == np.uint16 and set(np.unique(instances)) == {0, 1, 2}
+    assert [int((instances == k).sum()) for k in (1, 2)] == [les.area_px for les in found]
