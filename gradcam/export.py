@@ -92,9 +92,10 @@ def write_coco_instances(images: Sequence[tuple[str, int, int, Sequence[Instance
     return write_json(path, coco, sort_keys=True)
 
 
-def write_coco(drafts: Sequence[Draft], path: Path, categories: Sequence[str]) -> Path:
-    """The drafts as COCO instances: every image listed, one RLE annotation per connected region."""
-    images = [(d.name, d.width, d.height,
+def write_coco(drafts: Sequence[Draft], path: Path, categories: Sequence[str], *, file_prefix: str = "") -> Path:
+    """The drafts as COCO instances: every image listed (``file_name``: ``file_prefix`` + its
+    reference), one RLE annotation per connected region."""
+    images = [(file_prefix + d.name, d.width, d.height,
                [] if d.mask is None else [Instance(d.label, encode_coco_rle(r.mask), r.bbox, r.area, d.score)
                                           for r in regions(d.mask)])
               for d in drafts]

@@ -133,9 +133,10 @@ def read_sagemaker(path: Path) -> tuple[dict[str, np.ndarray], list[tuple[str, s
         cmap = meta.get("internal-color-map", {})
         background = next((v["hex-color"] for v in cmap.values() if v.get("class-name") == "BACKGROUND"), "#ffffff")
         ref = str(entry[refs[0]])
-        local = path.parent / (ref.split("://", 1)[-1].split("/", 1)[-1] if ref.startswith("s3://") else ref)
-        if not local.is_file():
-            local = path.parent / Path(ref).name
+        parts = (ref.split("://", 1)[-1].split("/", 1)[-1] if "://" in ref else ref).split("/")
+        # the longest tail of the reference that exists beside the manifest (an s3:// prefix dropped)
+        local = next((path.parent.joinpath(*parts[i:]) for i in range(len(parts))
+                      if path.parent.joinpath(*parts[i:]).is_file()), path.parent / parts[-1])
         colour = cv2.imread(str(local), cv2.IMREAD_COLOR)
         if colour is None:
             problems.append((name, f"mask file {ref} not found or unreadable beside {path}"))

@@ -194,12 +194,16 @@ def predict(model_dir: PathLike, files: Sequence[PathLike], *, batch_size: int =
     return classify_files(load_classifier(model_dir), files, batch_size=batch_size)
 
 
-def gradcam(image_dir: PathLike, model_dir: PathLike, out: PathLike, **options: Any):
+def gradcam(image_dir: PathLike, model_dir: PathLike, out: PathLike, *, pseudonymize: bool = False,
+            pseudonym_map: PathLike | None = None, **options: Any):
     """`cxr gradcam`: heatmaps, overlays, draft masks and annotation exports (options:
-    pipeline.gradcam_jobs.gradcam_job's keywords)."""
+    pipeline.gradcam_jobs.gradcam_job's keywords). ``pseudonymize``: as :func:`run_folder`; the
+    images annotators see are then de-identified 8-bit PNG copies named by pseudonym."""
     from pipeline.gradcam_jobs import gradcam_job
+    from pipeline.privacy import input_names
 
-    return gradcam_job(image_dir, model_dir, out, **options)
+    names = input_names(out, pseudonymize=pseudonymize, map_path=pseudonym_map)
+    return gradcam_job(image_dir, model_dir, out, names=names, **options)
 
 
 def import_masks(export: PathLike, fmt: str, images: PathLike, out: PathLike, *, kind: str = "lesion"):

@@ -121,7 +121,10 @@ def _cmd_gradcam(args: argparse.Namespace) -> int:
         args.dir, args.model, args.out, members=args.members.split(",") if args.members else None,
         target=args.target, threshold=args.threshold, method=args.method, lung_masks=args.lung_masks,
         lesion_masks=args.lesion_masks, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
-        image_prefix=args.image_prefix, batch_size=args.batch_size, progress=_progress("grad-cam"),
+        image_prefix=args.image_prefix, prefixes={"cvat": args.cvat_prefix, "labelstudio": args.labelstudio_prefix,
+                                                  "sagemaker": args.sagemaker_prefix},
+        copy_images=args.copy_images, pseudonymize=args.pseudonymize, pseudonym_map=args.pseudonym_map,
+        batch_size=args.batch_size, progress=_progress("grad-cam"),
     )
     print(f"{res.n_images} images, {res.n_drafts} draft masks → {res.out} (manifest.csv)")
     for label, members in res.audit.get("per_class_member", {}).items():
@@ -358,6 +361,14 @@ def _add_classifier_commands(sub) -> None:
     gc.add_argument("--formats", default=",".join(api.ANNOTATION_FORMATS))
     gc.add_argument("--image-prefix", default="",
                     help="prefix for image references (e.g. s3://bucket/xrays/ or /data/local-files/?d=xrays/)")
+    for tool, example in (("cvat", "a CVAT task's image path"), ("labelstudio", "/data/local-files/?d=xrays/"),
+                          ("sagemaker", "s3://bucket/cxr-out/: where OUT is uploaded; every ref is then absolute")):
+        gc.add_argument(f"--{tool}-prefix", help=f"image prefix in the {tool} export only (e.g. {example}); "
+                                                 "default --image-prefix")
+    gc.add_argument("--copy-images", action="store_true",
+                    help="write every image once as 8-bit PNG under OUT/images/ and reference those (always done for "
+                         "DICOM, 16-bit, TIFF and BMP inputs, with --pseudonymize, and with an s3:// SageMaker prefix)")
+    _pseudonym_args(gc)
     gc.add_argument("--batch-size", type=_positive_int, default=8)
     gc.set_defaults(func=_cmd_gradcam)
 

@@ -26,6 +26,7 @@ from gradcam.cam import METHODS, member_heatmaps
 from gradcam.export import ANNOTATION_FORMATS, Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
 from gradcam.masks import colorize, draft_mask, mass_inside, overlay, pointing_hit
 from pipeline.outputs import claim_output, output_name
+from pipeline.privacy import InputNames
 
 
 @dataclass
@@ -58,14 +59,28 @@ def gradcam_job(
     lesion_masks: str | os.PathLike[str] | None = None,
     formats: Sequence[str] = ANNOTATION_FORMATS,
     image_prefix: str = "",
+    prefixes: dict[str, str] | None = None,
+    copy_images: bool = False,
+    names: InputNames | None = None,
     batch_size: int = 8,
     progress=None,
 ) -> GradcamResult:
-    """Write per-image heatmap, overlay, raw maps and draft mask, plus the folder-level exports."""
+    """Write per-image heatmap, overlay, raw maps and draft mask, plus the folder-level exports.
+
+    Image references in the exports: ``prefixes[tool]`` (tool: "cvat", "labelstudio", "sagemaker";
+    default ``image_prefix``) + the image's path. Images a browser cannot show as they are (DICOM,
+    16-bit, TIFF, BMP), and every image with ``copy_images``, pseudonyms (``names``) or a
+    ``s3://``-style SageMaker prefix, are written once under ``OUT/images/`` as 8-bit PNG, as the
+    model sees them, and referenced there (so the SageMaker manifest's refs are all absolute under
+    the prefix where OUT is uploaded).
+    """
     from ensemble.classifier import load_classifier
 
     image_dir, out = Path(image_dir), Path(out)
     _check_options(target=target, threshold=threshold, method=method, formats=formats)
+    names = names or InputNames()
+    prefixes = {tool: (prefixes or {}).get(tool) or image_prefix for tool in ANNOTATION_FORMATS}
+    copy_images = copy_images or names.pseudonymous or "://" in prefixes["sagemaker"]
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: no such image folder")
     paths = list(walk_images(image_dir))
@@ -93,7 +108,8 @@ def gradcam_job(
             maps, fused = member_heatmaps({m: pred.features[m] for m in chosen}, heads, cls,
                                           member_weights=weights, size=clf.image_size, method=method)
             for j, (path, geo, original) in enumerate(zip(batch.paths, batch.geometries, batch.originals)):
-                name = path.relative_to(image_dir).as_posix()
+                rel = path.relative_to(image_dir).as_posix()
+                name = names.name(rel)
                 label = spec.CLASS_NAMES[int(cls[j])]
                 score = float(pred.probs[j, cls[j]])
                 per_image = {"ensemble": geo.map_to_original(fused[j])}
@@ -102,7 +118,11 @@ def gradcam_job(
                 lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
                 mask = draft_mask(per_image["ensemble"], threshold, lung) if label in spec.SEGMENT_CLASSES else None
                 files = _write_image_files(out, name, per_image, original, mask)
-                drafts.append(Draft(name, original.shape[1], original.shape[0], label, score, mask))
+                ref = name
+                if copy_images or not _browser_ready(path):
+                    ref = write_png(out / output_name(f"images/{name}", ".png"), _as_uint8(original))
+                    ref = ref.relative_to(out).as_posix()
+                drafts.append(Draft(ref, original.shape[1], original.shape[0], label, score, mask))
                 predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
                 for m in ("ensemble", *chosen):
                     rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
@@ -111,16 +131,19 @@ def gradcam_job(
                     audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion,
                                                  mask if m == "ensemble" else None))
         _write_manifest(out / "manifest.csv", rows)
+        failed = [(names.name(rel), names.scrub(reason, rel))
+                  for rel, reason in ((_relative(Path(p), image_dir), r) for p, r in failures.items)]
         with (out / "failures.csv").open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([["file", "reason"], *failures.items])
+            csv.writer(handle).writerows([["file", "reason"], *failed])
         categories = list(spec.SEGMENT_CLASSES) if target == "predicted" else [target]
         drafts = [d for d in drafts if d.mask is None or d.label in categories]
-        _write_exports(out, drafts, categories, formats=formats, image_prefix=image_prefix, clf=clf)
+        _write_exports(out, drafts, categories, formats=formats, prefixes=prefixes, clf=clf)
         audit = summarise_audit(audit_rows) if (lungs or lesions) else {}
         if audit:
             write_json(out / "audit.json", audit)
         n_drafts = sum(1 for d in drafts if d.mask is not None)
-        return GradcamResult(out, len(drafts), n_drafts, list(failures.items), audit)
+        names.save()
+        return GradcamResult(out, len(drafts), n_drafts, failed, audit)
 
 
 def _check_options(*, target: str, threshold: float, method: str, formats: Sequence[str]) -> None:
@@ -152,16 +175,44 @@ def _write_image_files(out: Path, name: str, per_image: dict[str, np.ndarray], o
 
 
 def _write_exports(out: Path, drafts: list[Draft], categories: list[str], *, formats: Sequence[str],
-                   image_prefix: str, clf) -> None:
-    """The folder-level files each annotation tool imports."""
+                   prefixes: dict[str, str], clf) -> None:
+    """The folder-level files each annotation tool imports, each with its own image prefix."""
     if "cvat" in formats:
-        write_coco(drafts, out / "coco_instances.json", categories)
+        write_coco(drafts, out / "coco_instances.json", categories, file_prefix=prefixes["cvat"])
     if "labelstudio" in formats:
         write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
-                          image_prefix=image_prefix, model_version=clf.checkpoint_sha256[:12])
+                          image_prefix=prefixes["labelstudio"], model_version=clf.checkpoint_sha256[:12])
     if "sagemaker" in formats:
+        uri = "://" in prefixes["sagemaker"]  # OUT is uploaded there: the masks' refs are absolute too
         write_sagemaker(drafts, out / "sagemaker_manifest.jsonl", out / "sagemaker_masks", categories,
-                        source_prefix=image_prefix, creation_date=str(clf.sidecar.get("created", "")))
+                        source_prefix=prefixes["sagemaker"],
+                        mask_prefix=prefixes["sagemaker"] + "sagemaker_masks/" if uri else None,
+                        creation_date=str(clf.sidecar.get("created", "")))
+
+
+def _relative(path: Path, image_dir: Path) -> str:
+    """An input's path relative to the image folder (a mask file elsewhere: its name)."""
+    try:
+        return path.relative_to(image_dir).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _browser_ready(path: Path) -> bool:
+    """Whether annotation tools show the file as it is: JPEG, or 8-bit PNG (bit depth in the IHDR)."""
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return True
+    if suffix != ".png":
+        return False
+    with path.open("rb") as handle:
+        header = handle.read(26)
+    return len(header) == 26 and header[24] == 8
+
+
+def _as_uint8(original: np.ndarray) -> np.ndarray:
+    """The decoded image as the model sees it (float32 RGB in [0, 255]) as 8-bit RGB."""
+    return np.clip(np.rint(original), 0, 255).astype(np.uint8)
 
 
 def _optional_mask(path: Path | None, shape: tuple[int, int], failures: FailureLog) -> np.ndarray | None:

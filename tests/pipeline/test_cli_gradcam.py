@@ -89,3 +89,54 @@ def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_t
     assert main(["gradcam", str(tiny_tree), "--model", str(light_bundle), "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "no space left on device" in err and "Traceback" not in err
+
+
+PHI = ("Doe_John_19650304", "19650304", "MRN-4451234", "SMITH_JANE", "Doe^Jane", "SECRET-123")
+
+
+def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_refs(light_bundle, tmp_path):
+    """Patient-like names, a DICOM with patient tags and a 16-bit PNG: with --pseudonymize and an s3://
+    SageMaker prefix, every image is an 8-bit PNG copy under OUT/images/ named by pseudonym, every
+    SageMaker ref is absolute under the prefix and resolves inside OUT, Label Studio gets its own
+    prefix, and no output holds a name or a tag."""
+    from PIL import Image
+
+    from fakes import write_monochrome1_dicom, xray_like
+
+    folder = tmp_path / "MRN-4451234"
+    folder.mkdir()
+    (folder / "Doe_John_19650304.png").write_bytes(png_bytes(xray_like(90, 80, seed=1)))
+    (folder / "gray16.png").write_bytes(png_bytes(xray_like(70, 60, seed=2).astype(np.uint16) * 250))
+    write_monochrome1_dicom(folder / "SMITH_JANE.dcm", xray_like(64, 64, seed=3).astype(np.uint16) * 16)
+    out = tmp_path / "g"
+    assert main(["gradcam", str(folder), "--model", str(light_bundle), "--out", str(out), "--target", "covid",
+                 "--pseudonymize", "--sagemaker-prefix", "s3://bucket/cxr-out/",
+                 "--labelstudio-prefix", "/data/local-files/?d=cxr-out/"]) == 0
+    for p in (p for p in out.rglob("*") if p.is_file()):
+        assert not any(s.encode() in p.read_bytes() or s in p.as_posix() for s in PHI), p
+    lines = [json.loads(line) for line in (out / "sagemaker_manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        meta = line["cxr-draft-ref-metadata"]
+        assert meta["type"] == "groundtruth/semantic-segmentation" and meta["human-annotated"] == "no"
+        assert {"internal-color-map", "creation-date", "job-name"} <= set(meta)
+        assert meta["internal-color-map"]["0"]["class-name"] == "BACKGROUND"
+        image_ref, mask_ref = line["source-ref"], line["cxr-draft-ref"]
+        assert image_ref.startswith("s3://bucket/cxr-out/images/") and mask_ref.startswith("s3://bucket/cxr-out/")
+        image = Image.open(out / image_ref.removeprefix("s3://bucket/cxr-out/"))
+        mask = Image.open(out / mask_ref.removeprefix("s3://bucket/cxr-out/"))
+        assert image.mode == "RGB" and mask.mode == "RGB" and image.size == mask.size
+    sizes = sorted(Image.open(p).size for p in (out / "images").iterdir())
+    assert sizes == [(60, 70), (64, 64), (80, 90)]  # each input once, at its own size
+    tasks = json.loads((out / "labelstudio_tasks.json").read_text())
+    assert all(t["data"]["image"].startswith("/data/local-files/?d=cxr-out/images/") for t in tasks)
+    coco = json.loads((out / "coco_instances.json").read_text())
+    copies = sorted(f"images/{p.name}" for p in (out / "images").iterdir())
+    assert sorted(i["file_name"] for i in coco["images"]) == copies
+    names = json.loads(out.with_name("g.pseudonyms.json").read_text())["names"]
+    assert sorted(names.values()) == ["Doe_John_19650304.png", "SMITH_JANE.dcm", "gray16.png"]
+    # The annotators' edits come back through the same manifest (masks downloaded beside it).
+    masks = tmp_path / "masks"
+    assert main(["import-masks", str(out / "sagemaker_manifest.jsonl"), "--format", "sagemaker",
+                 "--images", str(out / "images"), "--out", str(masks)]) in (0, 1)
+    assert len(list((masks / "lesion").glob("*.png"))) == 3
