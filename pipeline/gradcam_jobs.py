@@ -28,6 +28,9 @@ from gradcam.masks import colorize, draft_mask, mass_inside, overlay, pointing_h
 from pipeline.outputs import claim_output, output_name
 from pipeline.privacy import InputNames
 
+#: Where the CVAT export goes: the path CVAT's "COCO 1.0" export uses, and Datumaro's importer expects.
+COCO_FILE = "annotations/instances_default.json"
+
 
 @dataclass
 class GradcamResult:
@@ -178,7 +181,8 @@ def _write_exports(out: Path, drafts: list[Draft], categories: list[str], *, for
                    prefixes: dict[str, str], clf) -> None:
     """The folder-level files each annotation tool imports, each with its own image prefix."""
     if "cvat" in formats:
-        write_coco(drafts, out / "coco_instances.json", categories, file_prefix=prefixes["cvat"])
+        (out / "annotations").mkdir(exist_ok=True)  # CVAT's own "COCO 1.0" layout: zip annotations/ to upload
+        write_coco(drafts, out / COCO_FILE, categories, file_prefix=prefixes["cvat"])
     if "labelstudio" in formats:
         write_labelstudio(drafts, out / "labelstudio_tasks.json", out / "labelstudio_config.xml", categories,
                           image_prefix=prefixes["labelstudio"], model_version=clf.checkpoint_sha256[:12])

@@ -36,7 +36,7 @@ def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tre
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert a == b  # same checkpoint, same images → byte-identical outputs
     out = tmp_path / "a"
-    for name in ("coco_instances.json", "labelstudio_tasks.json", "labelstudio_config.xml",
+    for name in ("annotations/instances_default.json", "labelstudio_tasks.json", "labelstudio_config.xml",
                  "sagemaker_manifest.jsonl", "manifest.csv", "audit.json", "failures.csv"):
         assert (out / name).is_file(), name
     maps = np.load(out / "maps" / "covid" / "covid_0.png.npz")  # named with the input's extension
@@ -130,7 +130,7 @@ def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_ref
     assert sizes == [(60, 70), (64, 64), (80, 90)]  # each input once, at its own size
     tasks = json.loads((out / "labelstudio_tasks.json").read_text())
     assert all(t["data"]["image"].startswith("/data/local-files/?d=cxr-out/images/") for t in tasks)
-    coco = json.loads((out / "coco_instances.json").read_text())
+    coco = json.loads((out / "annotations" / "instances_default.json").read_text())
     copies = sorted(f"images/{p.name}" for p in (out / "images").iterdir())
     assert sorted(i["file_name"] for i in coco["images"]) == copies
     names = json.loads(out.with_name("g.pseudonyms.json").read_text())["names"]
@@ -140,3 +140,39 @@ def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_ref
     assert main(["import-masks", str(out / "sagemaker_manifest.jsonl"), "--format", "sagemaker",
                  "--images", str(out / "images"), "--out", str(masks)]) in (0, 1)
     assert len(list((masks / "lesion").glob("*.png"))) == 3
+
+
+def test_cvat_export_loads_in_datumaro_with_the_drafts(light_bundle, tiny_tree, tmp_path):
+    """CVAT imports "COCO 1.0" with Datumaro: the export, in CVAT's layout beside the images, loads
+    there as crowd RLE masks whose union per image is the draft mask."""
+    import subprocess
+
+    import cv2
+    from tools import ROOT, tool_python
+
+    python = tool_python("datumaro")
+    out = tmp_path / "g"
+    assert main(["gradcam", str(tiny_tree), "--model", str(light_bundle), "--out", str(out), "--target", "covid",
+                 "--formats", "cvat"]) == 0
+    dataset = tmp_path / "cvat_upload"  # what a user zips for CVAT: annotations/ beside the task's images/
+    (dataset / "annotations").mkdir(parents=True)
+    (dataset / "annotations" / "instances_default.json").write_bytes(
+        (out / "annotations" / "instances_default.json").read_bytes())
+    (dataset / "images").symlink_to(tiny_tree, target_is_directory=True)
+    proc = subprocess.run([python, str(ROOT / "tests" / "datumaro_load.py"), str(dataset), str(tmp_path / "m.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    images = sorted(p.relative_to(tiny_tree).with_suffix("").as_posix() for p in tiny_tree.rglob("*.png"))
+    assert loaded["items"] == images
+    assert loaded["masks"] and all(m["is_crowd"] and m["label"] == "covid" and m["kind"] == "RleMask"
+                                   for m in loaded["masks"])
+    arrays = np.load(tmp_path / "m.npz")
+    for item in images:
+        union = np.zeros((80, 72), bool)
+        for k, m in enumerate(loaded["masks"]):
+            if m["item"] == item:
+                union |= arrays[f"m{k}"]
+        draft = cv2.imread(str(out / "masks" / f"{item}.png.png"), cv2.IMREAD_GRAYSCALE)
+        expected = draft > 0 if draft is not None else np.zeros((80, 72), bool)
+        np.testing.assert_array_equal(union, expected)

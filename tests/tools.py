@@ -1,0 +1,25 @@
+"""The annotation tools' own importers, run from the venv `make test` builds for them (.venv-tools):
+they pin libraries (opencv<5, pillow 12) that the project's venv does not use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool_python(module: str) -> str:
+    """The interpreter of $CXR_TOOLS_PYTHON or .venv-tools that imports ``module``; skips the test
+    with the fix when there is none."""
+    python = os.environ.get("CXR_TOOLS_PYTHON") or str(ROOT / ".venv-tools" / "bin" / "python")
+    if not Path(python).is_file():
+        pytest.skip(f"{module} is not installed: `make install` builds .venv-tools with it "
+                    f"(or set CXR_TOOLS_PYTHON to a Python that has it)")
+    probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} cannot import {module}: {probe.stderr.strip().splitlines()[-1:]}")
+    return python
