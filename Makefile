@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TOOLS_VENV ?= .venv-tools
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install install-labelstudio demo test test-slow bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Label Studio itself (a Django server, ~70 s to install) for the live round trip in `make test-slow`.
+install-labelstudio:
+	$(PYTHON) -m venv .venv-labelstudio
+	.venv-labelstudio/bin/python -m pip install --quiet "label-studio==1.23.2" "label-studio-sdk==2.1.2"
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TOOLS_VENV) .venv-labelstudio build dist *.egg-info .pytest_cache .hypothesis

@@ -12,13 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tool_python(module: str) -> str:
-    """The interpreter of $CXR_TOOLS_PYTHON or .venv-tools that imports ``module``; skips the test
-    with the fix when there is none."""
-    python = os.environ.get("CXR_TOOLS_PYTHON") or str(ROOT / ".venv-tools" / "bin" / "python")
+def tool_python(module: str, *, venv: str = ".venv-tools", env: str = "CXR_TOOLS_PYTHON",
+                install: str = "make install") -> str:
+    """The interpreter of ``$env`` or ``venv`` that imports ``module``; skips the test with the fix
+    when there is none."""
+    python = os.environ.get(env) or str(ROOT / venv / "bin" / "python")
     if not Path(python).is_file():
-        pytest.skip(f"{module} is not installed: `make install` builds .venv-tools with it "
-                    f"(or set CXR_TOOLS_PYTHON to a Python that has it)")
+        pytest.skip(f"{module} is not installed: `{install}` builds {venv} with it "
+                    f"(or set {env} to a Python that has it)")
     probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"{python} cannot import {module}: {probe.stderr.strip().splitlines()[-1:]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,60 @@ def test_cvat_export_loads_in_datumaro_with_the_drafts(light_bundle, tiny_tree, 
         draft = cv2.imread(str(out / "masks" / f"{item}.png.png"), cv2.IMREAD_GRAYSCALE)
         expected = draft > 0 if draft is not None else np.zeros((80, 72), bool)
         np.testing.assert_array_equal(union, expected)
+
+
+@pytest.mark.slow
+def test_labelstudio_live_round_trip_gives_back_the_drafts(light_bundle, tiny_tree, tmp_path):
+    """A real Label Studio on 127.0.0.1: a project from labelstudio_config.xml, the tasks imported
+    with their predictions, every draft accepted, the project exported, and `cxr import-masks`
+    gives back exactly the draft masks."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import cv2
+    from tools import ROOT, tool_python
+
+    python = tool_python("label_studio_sdk", venv=".venv-labelstudio", env="CXR_LABELSTUDIO_PYTHON",
+                         install="make install-labelstudio")
+    out = tmp_path / "g"
+    assert main(["gradcam", str(tiny_tree), "--model", str(light_bundle), "--out", str(out), "--target", "covid",
+                 "--formats", "labelstudio"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token, url = "cxr-live-test-token-0123456789", f"http://127.0.0.1:{port}"
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(tmp_path / "ls"), "DJANGO_DB": "sqlite",
+           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true"}
+    server = subprocess.Popen([str(Path(python).with_name("label-studio")), "start", "--no-browser", "--host",
+                               "127.0.0.1", "--port", str(port), "--username", "annotator@example.com",
+                               "--password", "cxr-live-test", "--user-token", token],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "Label Studio did not start"
+                time.sleep(1)
+        export = tmp_path / "export.json"
+        proc = subprocess.run([python, str(ROOT / "tests" / "labelstudio_client.py"), url, token,
+                               str(out / "labelstudio_config.xml"), str(out / "labelstudio_tasks.json"), str(export)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    drafts = sorted(p for p in (out / "masks").rglob("*.png") if cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).any())
+    assert report["tasks"] == 12 and report["accepted"] == report["predictions"] == len(drafts) > 0
+    masks = tmp_path / "masks"
+    main(["import-masks", str(export), "--format", "labelstudio", "--images", str(tiny_tree), "--out", str(masks)])
+    for draft in drafts:  # masks/<rel>.png.png ↔ MASKS/lesion/<stem>.png
+        back = cv2.imread(str(masks / "lesion" / (Path(draft.stem).stem + ".png")), cv2.IMREAD_GRAYSCALE)
+        assert back is not None, draft
+        np.testing.assert_array_equal(back > 0, cv2.imread(str(draft), cv2.IMREAD_GRAYSCALE) > 0)
