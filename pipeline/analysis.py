@@ -41,6 +41,12 @@ class ImageAnalysis:
     def confidence(self) -> float:
         return round(float(self.probs.max()), 6)
 
+    def answer_fields(self) -> dict[str, Any]:
+        """What `cxr run`'s rows and `cxr serve`'s answers both say: label, confidence, refer and reason,
+        then :meth:`stage2_fields` (each adds the probabilities in its own shape)."""
+        return {"label": self.label, "confidence": self.confidence, "refer": self.refer,
+                "refer_reason": self.refer_reason, **self.stage2_fields()}
+
     def stage2_fields(self) -> dict[str, Any]:
         """segmented, lesion_count, lesion_area_px, lung_affected_pct and lesions (box, area, score)."""
         if self.seg is None:

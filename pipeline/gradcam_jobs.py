@@ -121,16 +121,13 @@ def gradcam_job(
                 lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
                 mask = draft_mask(per_image["ensemble"], threshold, lung) if label in spec.SEGMENT_CLASSES else None
                 files = _write_image_files(out, name, per_image, original, mask)
-                ref = name
-                if copy_images or not _browser_ready(path):
-                    ref = write_png(out / output_name(f"images/{name}", ".png"), _as_uint8(original))
-                    ref = ref.relative_to(out).as_posix()
+                ref = _annotator_image(out, name, path, original, copy=copy_images)
                 drafts.append(Draft(ref, original.shape[1], original.shape[0], label, score, mask))
-                predicted = spec.CLASS_NAMES[int(pred.probs[j].argmax())]
+                head = [name, label, spec.CLASS_NAMES[int(pred.probs[j].argmax())], f"{score:.6f}"]
+                tail = [clf.checkpoint_sha256, threshold, method]
                 for m in ("ensemble", *chosen):
-                    rows.append([name, label, predicted, f"{score:.6f}", m, clf.checkpoint_sha256, threshold, method,
-                                 files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "", files["map"],
-                                 files.get("mask", "")])
+                    rows.append([*head, m, *tail, files[f"overlay:{m}"], files["heatmap"] if m == "ensemble" else "",
+                                 files["map"], files.get("mask", "")])
                     audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion,
                                                  mask if m == "ensemble" else None))
         _write_manifest(out / "manifest.csv", rows)
@@ -192,6 +189,14 @@ def _write_exports(out: Path, drafts: list[Draft], categories: list[str], *, for
                         source_prefix=prefixes["sagemaker"],
                         mask_prefix=prefixes["sagemaker"] + "sagemaker_masks/" if uri else None,
                         creation_date=str(clf.sidecar.get("created", "")))
+
+
+def _annotator_image(out: Path, name: str, path: Path, original: np.ndarray, *, copy: bool) -> str:
+    """The image reference the exports use: the input itself, or its 8-bit PNG copy under OUT/images/
+    (written when ``copy`` or when annotation tools cannot show the input as it is)."""
+    if not copy and _browser_ready(path):
+        return name
+    return write_png(out / output_name(f"images/{name}", ".png"), _as_uint8(original)).relative_to(out).as_posix()
 
 
 def _relative(path: Path, image_dir: Path) -> str:

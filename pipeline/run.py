@@ -281,17 +281,8 @@ class _FolderRun:
         pictures = {"gradcam_overlay": "gradcam"}
         for field, name in names.items():
             write_png(self.out / name, images[pictures.get(field, field)])
-        return {
-            "label": a.label,
-            **{f"p_{c}": p for c, p in a.probabilities.items()},
-            "confidence": a.confidence,
-            "refer": a.refer,
-            "refer_reason": a.refer_reason,
-            **stage2,
-            "width": int(original.shape[1]),
-            "height": int(original.shape[0]),
-            **names,
-        }
+        return {**a.answer_fields(), **{f"p_{c}": p for c, p in a.probabilities.items()}, **stage2,
+                "width": int(original.shape[1]), "height": int(original.shape[0]), **names}
 
 
 class _Stop(Exception):

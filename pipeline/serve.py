@@ -259,12 +259,8 @@ def prediction_body(analysis: ImageAnalysis, original: np.ndarray, files: dict[s
     """The JSON answer to one upload (schema.Prediction); its pictures are served under ``token``."""
     base = f"/v1/results/{token}"
     return {
-        "label": analysis.label,
+        **analysis.answer_fields(),
         "probabilities": analysis.probabilities,
-        "confidence": analysis.confidence,
-        "refer": analysis.refer,
-        "refer_reason": analysis.refer_reason,
-        **analysis.stage2_fields(),
         "width": int(original.shape[1]),
         "height": int(original.shape[0]),
         "urls": {name.removesuffix(".png"): f"{base}/{name}" for name in files},
