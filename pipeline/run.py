@@ -103,8 +103,13 @@ def check_run_inputs(image_dir: Path, out: Path, identity: dict[str, Any]) -> li
     run_file = out / "run.json"
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
-        if previous.get("identity") != identity:
-            raise DatasetError(f"{out}: holds a run with other models or settings; use another --out to keep both")
+        before = previous.get("identity") or {}
+        differ = sorted(k for k in {*before, *identity} if before.get(k) != identity.get(k))
+        if differ:
+            hint = (" (with --pseudonymize: pass the --pseudonym-map that run used)" if "pseudonym_key" in differ
+                    else "")
+            raise DatasetError(f"{out}: holds a run with other models or settings ({', '.join(differ)} differ){hint}; "
+                               "use another --out to keep both")
     else:
         write_text_atomic(run_file, json.dumps({"identity": identity}, indent=2, sort_keys=True) + "\n")
     return paths

@@ -156,7 +156,8 @@ def test_run_writes_lung_masks_lesion_instances_and_their_coco_file(mixed_folder
 PHI = ("Doe_John_19650304", "19650304", "MRN-4451234", "SMITH_JANE", "Doe^Jane", "SECRET-123", "BROWN_BOB")
 
 
-def test_pseudonymized_run_leaks_no_names_and_resumes(light_bundle, seg_model, tmp_path, models_loaded_once):
+def test_pseudonymized_run_leaks_no_names_and_resumes(light_bundle, seg_model, tmp_path, models_loaded_once,
+                                                       capsys):
     """Files and folders named like patients and a DICOM with patient tags: with --pseudonymize no
     output file holds a name, a tag or the input folder's path; the map beside OUT holds the names."""
     from fakes import write_monochrome1_dicom
@@ -186,6 +187,11 @@ def test_pseudonymized_run_leaks_no_names_and_resumes(light_bundle, seg_model, t
     assert _run(folder, out, light_bundle, seg_model, "--lung-model", str(seg_model), "--segment-all",
                 "--pseudonymize") == 1  # resumes with the same pseudonyms: nothing redone
     assert (out / "results.jsonl").read_bytes() == before
+    capsys.readouterr()
+    assert _run(folder, out, light_bundle, seg_model, "--lung-model", str(seg_model), "--segment-all",
+                "--pseudonymize", "--pseudonym-map", str(tmp_path / "another.json")) == 2  # another key: refused
+    err = capsys.readouterr().err
+    assert "pseudonym_key differ" in err and "--pseudonym-map" in err
 
 
 def test_plain_run_json_has_no_absolute_path_and_the_engine_is_part_of_a_run(light_bundle, seg_model, tmp_path,
