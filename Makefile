@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TOOLS_VENV ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
 
 .PHONY: install install-labelstudio demo test test-slow bench clean
 
@@ -14,22 +15,25 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# Reference Label Studio brush codec for tests only; its own deps (nltk, ...) are not needed by brush.py.
 	$(BIN)/python -m pip install --quiet --no-deps "label-studio-converter==0.0.59"
-	# The annotation tools' own importers, for the tests only, in a venv of their own (Datumaro pins
-	# opencv<5 and pillow 12, which the project's venv does not use): tests/tools.py finds it.
-	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/python -m pip install --quiet "datumaro==1.13.12"
 	# The browser test of `cxr serve` drives Debian's Chromium through Playwright (no browser download).
 	# Installed here where apt-get can (CI runs as root); elsewhere that test skips and says why.
 	-@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	touch $(STAMP)
 
+# The annotation tools' own importers, for the tests only, in a venv of their own (Datumaro pins
+# opencv<5 and pillow 12, which the project's venv does not use): tests/tools.py finds it.
+$(TOOLS_STAMP):
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet "datumaro==1.13.12"
+	touch $(TOOLS_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cxr demo
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

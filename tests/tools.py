@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tool_python(module: str, *, venv: str = ".venv-tools", env: str = "CXR_TOOLS_PYTHON",
-                install: str = "make install") -> str:
+                install: str = "make test") -> str:
     """The interpreter of ``$env`` or ``venv`` that imports ``module``; skips the test with the fix
     when there is none."""
     python = os.environ.get(env) or str(ROOT / venv / "bin" / "python")
