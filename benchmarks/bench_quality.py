@@ -106,7 +106,7 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
 
     from data.augment import AugmentParams
     from data.datasets import make_dataset
-    from data.runtime.training import build_optimizer, reestimate_batchnorm, steps_per_epoch
+    from data.runtime.training import build_optimizer, fit_streamed, reestimate_batchnorm, steps_per_epoch
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((size, size, 3))
@@ -125,8 +125,8 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"], jit_compile=False)
     common = dict(size=size, batch_size=32, seed=0)
     t0 = time.perf_counter()
-    model.fit(make_dataset(train, shuffle=True, augment_params=AugmentParams(), **common),
-              validation_data=make_dataset(val, **common), epochs=epochs, verbose=0)
+    fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), **common),
+                 validation_data=make_dataset(val, **common), epochs=epochs, shuffle=False, verbose=0)
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in make_dataset(train, shuffle=True, **common)), max_batches=16)
     seconds = time.perf_counter() - t0
     xs, ys = [], []
