@@ -142,3 +142,19 @@ def run_training_job(records: Sequence[Record], out: str | os.PathLike[str], set
     plot_history(result.history, out / "training_curves.png")
     write_failures(out / "failures.csv", result.failures)
     return TrainingRun(out, assignment, train, val, result, time.perf_counter() - t0)
+
+
+class ImageTicks:
+    """A progress bar that counts images while a job walks batches: ``progress`` (the jobs' usual
+    ``progress(items)`` wrapper) is given ``range(total)``, so the bar knows the total and an ETA,
+    and :meth:`advance` moves it by the images a batch finished (failed ones included)."""
+
+    def __init__(self, progress: Callable | None, total: int) -> None:
+        self._ticks = iter(progress(range(total))) if progress else iter(())
+
+    def advance(self, n: int) -> None:
+        for _ in range(n):
+            next(self._ticks, None)
+
+    def close(self) -> None:
+        getattr(self._ticks, "close", lambda: None)()

@@ -25,6 +25,7 @@ from data.masks import iou
 from gradcam.cam import METHODS, member_heatmaps
 from gradcam.export import ANNOTATION_FORMATS, Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
 from gradcam.masks import colorize, draft_mask, mass_inside, overlay, pointing_hit
+from pipeline.common import ImageTicks
 from pipeline.outputs import claim_output, output_name
 from pipeline.privacy import InputNames
 
@@ -104,7 +105,10 @@ def gradcam_job(
         rows: list[list[Any]] = []
         audit_rows: list[dict[str, Any]] = []
         batches = clf.stream(paths, batch_size=batch_size, failures=failures, keep_original=True)
-        for batch in (progress(batches) if progress else batches):
+        ticks, counted = ImageTicks(progress, len(paths)), 0
+        for batch in batches:
+            ticks.advance(len(batch.paths) + len(failures.items) - counted)
+            counted = len(failures.items)
             pred = clf.predict(batch.x)
             cls = pred.probs.argmax(axis=1) if target == "predicted" else np.full(len(batch.x),
                                                                                   spec.class_index(target))
@@ -130,6 +134,8 @@ def gradcam_job(
                                  files["map"], files.get("mask", "")])
                     audit_rows.append(_audit_row(name, label, m, per_image[m], lung, lesion,
                                                  mask if m == "ensemble" else None))
+        ticks.advance(len(failures.items) - counted)
+        ticks.close()
         _write_manifest(out / "manifest.csv", rows)
         failed = [(names.name(rel), names.scrub(reason, rel))
                   for rel, reason in ((_relative(Path(p), image_dir), r) for p, r in failures.items)]

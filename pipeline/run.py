@@ -36,6 +36,7 @@ from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
 from data.files import write_png, write_text_atomic
 from gradcam.export import Instance, encode_coco_rle, write_coco_instances
 from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
+from pipeline.common import ImageTicks
 from pipeline.outputs import claim_output, describe_os_error, output_name
 from pipeline.privacy import InputNames
 from pipeline.report_html import REPORT_LESIONS, write_report
@@ -204,7 +205,7 @@ class _FolderRun:
         self.results, self.failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
         heads = clf.head_weights()
         failures, logged = FailureLog(), 0
-        ticks = iter(progress(range(len(todo)))) if progress else iter(())  # per image: a total and an ETA
+        ticks = ImageTicks(progress, len(todo))
         # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
         # batch waits for it, so memory stays flat. Its errors (a log it cannot write) surface at the next batch.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
@@ -215,16 +216,16 @@ class _FolderRun:
                                      max_pixels=max_pixels)
                 for batch in batches:
                     before, logged = logged, self._log_read_failures(failures, logged)
-                    _advance(ticks, len(batch.paths) + logged - before)
+                    ticks.advance(len(batch.paths) + logged - before)
                     analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
                     if written is not None:
                         written.result()
                     written = writer.submit(self._write_batch, batch, analyses)
                 if written is not None:
                     written.result()
-                _advance(ticks, self._log_read_failures(failures, logged) - logged)
+                ticks.advance(self._log_read_failures(failures, logged) - logged)
         finally:
-            getattr(ticks, "close", lambda: None)()
+            ticks.close()
             writer.shutdown(wait=True)
             self.results.close()
             self.failures_log.close()
@@ -292,11 +293,6 @@ class _FolderRun:
 
 class _Stop(Exception):
     """Internal: ends a run early (``stop_after``)."""
-
-
-def _advance(ticks, n: int) -> None:
-    for _ in range(n):
-        next(ticks, None)
 
 
 def _fingerprint(path: Path) -> str | None:

@@ -234,3 +234,19 @@ def test_labelstudio_live_round_trip_gives_back_the_drafts(light_bundle, tiny_tr
         back = cv2.imread(str(masks / "lesion" / (Path(draft.stem).stem + ".png")), cv2.IMREAD_GRAYSCALE)
         assert back is not None, draft
         np.testing.assert_array_equal(back > 0, cv2.imread(str(draft), cv2.IMREAD_GRAYSCALE) > 0)
+
+
+def test_gradcam_progress_counts_images(light_bundle, tiny_tree, tmp_path):
+    from pipeline import api
+
+    seen = {}
+
+    def progress(items):
+        seen["total"] = len(items)
+        for item in items:
+            seen["ticks"] = item + 1
+            yield item
+
+    n = len(list(tiny_tree.rglob("*.png")))
+    api.gradcam(tiny_tree, light_bundle, tmp_path / "g", formats=["cvat"], batch_size=5, progress=progress)
+    assert seen == {"total": n, "ticks": n}
