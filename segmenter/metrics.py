@@ -56,10 +56,12 @@ def lesion_instances(prob: np.ndarray, *, threshold: float = 0.5, min_area: int 
     instances = np.zeros(p.shape, np.uint16)
     out = []
     for k, c in enumerate(found, start=1):
-        pixels = labels == c.label
-        instances[pixels] = k
-        pct = 100.0 * float((pixels & lung_mask).sum()) / lung_area if lung_area else None
-        out.append(Lesion(c.box, c.area, pct, float(p[pixels].mean())))
+        x, y, w, h = c.box
+        box = (slice(y, y + h), slice(x, x + w))  # each lesion's work stays inside its box
+        pixels = labels[box] == c.label
+        instances[box][pixels] = k
+        pct = 100.0 * float((pixels & lung_mask[box]).sum()) / lung_area if lung_area else None
+        out.append(Lesion(c.box, c.area, pct, float(p[box][pixels].mean())))
     return instances, out
 
 

@@ -166,3 +166,17 @@ def _more_bad_files(d: Path, base: np.ndarray, good_png: bytes, mono1: np.ndarra
         else:
             ds.Rows, ds.NumberOfFrames = mono1.shape[0], 2
         ds.save_as(d / name)
+
+
+def progress_recorder():
+    """(seen, progress): a jobs-style ``progress(items)`` wrapper that records ``len(items)`` as
+    "total" and how many items were consumed as "ticks"."""
+    seen: dict[str, int] = {}
+
+    def progress(items):
+        seen["total"] = len(items)
+        for item in items:
+            seen["ticks"] = item + 1
+            yield item
+
+    return seen, progress

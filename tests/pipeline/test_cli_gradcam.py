@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakes import png_bytes
+from fakes import png_bytes, progress_recorder
 from pipeline.cli import main
 
 
@@ -239,13 +239,7 @@ def test_labelstudio_live_round_trip_gives_back_the_drafts(light_bundle, tiny_tr
 def test_gradcam_progress_counts_images(light_bundle, tiny_tree, tmp_path):
     from pipeline import api
 
-    seen = {}
-
-    def progress(items):
-        seen["total"] = len(items)
-        for item in items:
-            seen["ticks"] = item + 1
-            yield item
+    seen, progress = progress_recorder()
 
     n = len(list(tiny_tree.rglob("*.png")))
     api.gradcam(tiny_tree, light_bundle, tmp_path / "g", formats=["cvat"], batch_size=5, progress=progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakes import BAD_CORPUS_EXPECT, png_bytes, xray_like
+from fakes import BAD_CORPUS_EXPECT, png_bytes, progress_recorder, xray_like
 from pipeline.cli import main
 
 
@@ -241,13 +241,7 @@ def test_progress_counts_images_failed_ones_included(loaded_bundles, tmp_path):
     for i in range(3):
         (folder / f"g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=20 + i)))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
-    seen = {}
-
-    def progress(items):
-        seen["total"] = len(items)
-        for item in items:
-            seen["ticks"] = item + 1
-            yield item
+    seen, progress = progress_recorder()
 
     clf, seg = loaded_bundles
     res = run_pipeline(folder, tmp_path / "out", classifier=clf, segmenter=seg, batch_size=2, progress=progress)
