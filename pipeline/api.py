@@ -23,12 +23,14 @@ from pipeline.config import ServeSettings
 from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
 from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
 from pipeline.outputs import describe_os_error
+from pipeline.ray_run import RayOptions
 from pipeline.report import ci_text, metrics_table
 
 # Besides the functions, what the command line reads: argument choices and defaults, and the text
 # helpers it prints with.
 __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS", "ENGINES",
-           "EXPORT_FORMATS", "SEGMENTATION_SCORES", "ServeSettings", "ci_text", "describe_os_error", "metrics_table",
+           "EXPORT_FORMATS", "SEGMENTATION_SCORES", "RayOptions", "ServeSettings", "ci_text", "describe_os_error",
+           "metrics_table",
            "CheckResult", "ExportResult", "Models", "SplitResult", "check_data", "demo",
            "evaluate_classifier", "evaluate_segmenter", "export_model", "gather_folders", "gather_records",
            "gradcam", "import_masks", "load_models", "predict", "progress_bar", "reproduce", "run_folder", "segment",
@@ -269,17 +271,18 @@ def load_models(classifier: PathLike, segmenter: PathLike, lung_model: PathLike 
 
 def run_folder(image_dir: PathLike, out: PathLike, models: Models, *, segment_all: bool = False,
                batch_size: int = 8, max_pixels: int | None = None, pseudonymize: bool = False,
-               pseudonym_map: PathLike | None = None, progress=None):
+               pseudonym_map: PathLike | None = None, ray: RayOptions | None = None, progress=None):
     """`cxr run`: both stages over a folder, resumable (pipeline.run.run_pipeline). ``pseudonymize``:
     inputs are named by keyed pseudonyms in every output, the key and real names kept in
-    ``pseudonym_map`` (default ``<out>.pseudonyms.json``, outside ``out``; pipeline.privacy)."""
+    ``pseudonym_map`` (default ``<out>.pseudonyms.json``, outside ``out``; pipeline.privacy).
+    ``ray``: the analysis runs on Ray (pipeline.ray_run), the files are written here as without it."""
     from pipeline.privacy import input_names
     from pipeline.run import run_pipeline
 
     names = input_names(out, pseudonymize=pseudonymize, map_path=pseudonym_map)
     return run_pipeline(image_dir, out, classifier=models.classifier, segmenter=models.segmenter,
                         lung_model=models.lung_model, segment_all=segment_all, batch_size=batch_size,
-                        progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, names=names)
+                        progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, names=names, ray=ray)
 
 
 @dataclass

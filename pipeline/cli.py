@@ -19,6 +19,7 @@ from pipeline import __version__, api
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 MB = 1024 * 1024
 SERVE = api.ServeSettings()  # the serve flags' defaults
+_LOCAL_RAY = "local"  # --ray given without an address
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -190,10 +191,17 @@ def _load_models(args: argparse.Namespace) -> api.Models:
 def _cmd_run(args: argparse.Namespace) -> int:
     res = api.run_folder(args.dir, args.out, _load_models(args), segment_all=args.segment_all,
                          batch_size=args.batch_size, max_pixels=args.max_pixels, pseudonymize=args.pseudonymize,
-                         pseudonym_map=args.pseudonym_map, progress=_progress("run"))
+                         pseudonym_map=args.pseudonym_map, ray=_ray_options(args), progress=_progress("run"))
     print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
     print(f"report: {res.report}")
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
+
+
+def _ray_options(args: argparse.Namespace) -> api.RayOptions | None:
+    if args.ray is None:
+        return None
+    return api.RayOptions(address=None if args.ray == _LOCAL_RAY else args.ray, workers=args.ray_workers,
+                          ship_bundles=True if args.ray_ship_bundles else None, threads=args.ray_threads)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -439,6 +447,16 @@ def _add_pipeline_commands(sub) -> None:
     _pseudonym_args(rn)
     _max_pixels_arg(rn)
     _engine_arg(rn)
+    ray = rn.add_argument_group("Ray (pip install 'cxr-triage[ray]')")
+    ray.add_argument("--ray", nargs="?", const=_LOCAL_RAY, metavar="ADDRESS",
+                     help="analyse on Ray: alone, a local Ray started here; 'auto' or ray://HOST:PORT, an existing "
+                          "cluster (OUT must be writable here; the driver writes every file)")
+    ray.add_argument("--ray-workers", type=_positive_int,
+                     help="actors that load the models (default: one per GPU of the cluster, else one per CPU)")
+    ray.add_argument("--ray-threads", type=_positive_int, default=1, help="CPUs (compute threads) per actor")
+    ray.add_argument("--ray-ship-bundles", action="store_true",
+                     help="send the bundles through Ray's object store (on by default with an ADDRESS; without it "
+                          "every node must see the bundle folders at the same path)")
     rn.set_defaults(func=_cmd_run)
 
     sv = sub.add_parser("serve", help="web API (POST /v1/predict, OpenAPI at /docs) and an upload page at /")

@@ -27,19 +27,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from data import spec
 from data.datasets import OUTPUT_MARKER, DatasetError, FailureLog, walk_images
-from data.files import write_png, write_text_atomic
+from data.files import encode_png, write_bytes_atomic, write_text_atomic
 from gradcam.export import Instance, encode_coco_rle, write_coco_instances
 from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.common import ImageTicks
 from pipeline.outputs import claim_output, describe_os_error, output_name
 from pipeline.privacy import InputNames
 from pipeline.report_html import REPORT_LESIONS, write_report
+
+if TYPE_CHECKING:
+    from pipeline.ray_run import RayOptions
 
 RESULT_COLUMNS = ("file", "label", *(f"p_{c}" for c in spec.CLASS_NAMES), "confidence", "refer", "refer_reason",
                   "segmented", "lesion_count", "lesion_area_px", "lung_affected_pct")
@@ -148,6 +151,7 @@ def run_pipeline(
     model_note: str = "",
     max_pixels: int = spec.DEFAULT_MAX_PIXELS,
     names: InputNames | None = None,
+    ray: RayOptions | None = None,
 ) -> RunResult:
     """Run both stages over ``image_dir`` into ``out`` (see the module docstring).
 
@@ -157,6 +161,7 @@ def run_pipeline(
     larger images are refused (their failure row says so). DatasetError (nothing lost) when ``out``
     cannot be claimed or a log cannot be written, e.g. on a full disk: rerun the same command.
     ``names``: how inputs are named in the outputs (pipeline.privacy; default their relative paths).
+    ``ray``: analyse on a Ray cluster (pipeline.ray_run); same files, same resuming.
     """
     image_dir, out = Path(image_dir), Path(out)
     names = names or InputNames()
@@ -167,7 +172,8 @@ def run_pipeline(
             names.save()  # the key first: a run stopped half-way resumes with the same pseudonyms
             job = _FolderRun(image_dir, out, classifier=classifier, segmenter=segmenter, lung_model=lung_model,
                              segment_all=segment_all, stop_after=stop_after, names=names)
-            n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels)
+            n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels,
+                                         ray=ray)
             rows, fails = job.final_logs()
             _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
             _write_csv(out / "failures.csv", ("file", "reason"), fails)
@@ -193,9 +199,11 @@ class _FolderRun:
         self.stop_after = stop_after
         self.n_done = 0
 
-    def run(self, paths: list[Path], *, batch_size: int, progress, max_pixels: int) -> tuple[int, int]:
-        """(images finished now, images finished by earlier runs)."""
-        out, clf = self.out, self.models["classifier"]
+    def run(self, paths: list[Path], *, batch_size: int, progress, max_pixels: int,
+            ray: RayOptions | None = None) -> tuple[int, int]:
+        """(images finished now, images finished by earlier runs). ``ray``: analyse on a Ray cluster
+        (pipeline.ray_run); the files are written here either way."""
+        out = self.out
         done = set(_read_log(out / "results.jsonl", itemgetter("file")))
         # A file that failed to decode is not tried again unless it changed since (a re-export, say).
         failed = {f["file"]: f.get("fingerprint") for f in _read_log(out / "failures.jsonl")
@@ -203,33 +211,51 @@ class _FolderRun:
         todo = [p for p in paths
                 if self._rel(p) not in done and failed.get(self._rel(p), "retry") != _fingerprint(p)]
         self.results, self.failures_log = _Log(out / "results.jsonl"), _Log(out / "failures.jsonl")
+        ticks = ImageTicks(progress, len(todo))
+        try:
+            with contextlib.suppress(_Stop):  # stop_after reached
+                if ray is None:
+                    self._run_local(todo, ticks, batch_size=batch_size, max_pixels=max_pixels)
+                else:
+                    from pipeline.ray_run import analyse_on_ray
+
+                    for item in analyse_on_ray(todo, [self._rel(p) for p in todo], ray, batch_size=batch_size,
+                                               max_pixels=max_pixels, **self.models):
+                        if item.reason is not None:
+                            self._log_failure(item.path, item.reason)
+                        else:
+                            self._write_rendered(item.rel, item.row, item.files)
+                        ticks.advance(1)
+        finally:
+            ticks.close()
+            self.results.close()
+            self.failures_log.close()
+        return self.n_done, len(paths) - len(todo)
+
+    def _run_local(self, todo: list[Path], ticks: ImageTicks, *, batch_size: int, max_pixels: int) -> None:
+        """Decode ahead in threads, analyse here, and render and write on one writer thread."""
+        clf = self.models["classifier"]
         heads = clf.head_weights()
         failures, logged = FailureLog(), 0
-        ticks = ImageTicks(progress, len(todo))
         # One writer thread draws and writes batch k while the models run on batch k + 1; at most one
         # batch waits for it, so memory stays flat. Its errors (a log it cannot write) surface at the next batch.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
         written: Future | None = None
         try:
-            with contextlib.suppress(_Stop):  # stop_after reached
-                batches = clf.stream(todo, batch_size=batch_size, failures=failures, keep_original=True,
-                                     max_pixels=max_pixels)
-                for batch in batches:
-                    before, logged = logged, self._log_read_failures(failures, logged)
-                    ticks.advance(len(batch.paths) + logged - before)
-                    analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
-                    if written is not None:
-                        written.result()
-                    written = writer.submit(self._write_batch, batch, analyses)
+            batches = clf.stream(todo, batch_size=batch_size, failures=failures, keep_original=True,
+                                 max_pixels=max_pixels)
+            for batch in batches:
+                before, logged = logged, self._log_read_failures(failures, logged)
+                ticks.advance(len(batch.paths) + logged - before)
+                analyses = analyse_batch(batch.x, batch.originals, batch.geometries, heads=heads, **self.models)
                 if written is not None:
                     written.result()
-                ticks.advance(self._log_read_failures(failures, logged) - logged)
+                written = writer.submit(self._write_batch, batch, analyses)
+            if written is not None:
+                written.result()
+            ticks.advance(self._log_read_failures(failures, logged) - logged)
         finally:
-            ticks.close()
             writer.shutdown(wait=True)
-            self.results.close()
-            self.failures_log.close()
-        return self.n_done, len(paths) - len(todo)
 
     def final_logs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(results, failures) of every run into this folder: one row per file, the latest failure
@@ -245,50 +271,61 @@ class _FolderRun:
 
     def _log_read_failures(self, failures: FailureLog, logged: int) -> int:
         for path, reason in failures.items[logged:]:
-            rel = Path(path).relative_to(self.image_dir).as_posix()
-            self.failures_log.append({"file": self.names.name(rel), "reason": self.names.scrub(reason, rel),
-                                      "fingerprint": _fingerprint(Path(path))})
+            self._log_failure(Path(path), reason)
         return len(failures.items)
+
+    def _log_failure(self, path: Path, reason: str) -> None:
+        rel = path.relative_to(self.image_dir).as_posix()
+        self.failures_log.append({"file": self.names.name(rel), "reason": self.names.scrub(reason, rel),
+                                  "fingerprint": _fingerprint(path)})
 
     def _write_batch(self, batch, analyses) -> None:
         """Pictures, files and log lines of one analysed batch (on the writer thread, in input order)."""
         for path, analysis, original in zip(batch.paths, analyses, batch.originals):
             rel = self._rel(path)
-            try:
-                row = {"file": rel, **self._write_pictures(rel, analysis, original)}
-            except OSError as err:
-                self.failures_log.append({"file": rel, "reason": describe_os_error(err), "stage": "write"})
-                continue
-            self.results.append(row)
-            self.n_done += 1
-            if self.stop_after is not None and self.n_done >= self.stop_after:
-                raise _Stop
+            self._write_rendered(rel, *render_result(rel, analysis, original))
 
-    def _write_pictures(self, rel: str, a: ImageAnalysis, original: np.ndarray) -> dict[str, Any]:
-        """Write one image's pictures (atomically) and return its result row without "file".
+    def _write_rendered(self, rel: str, row: dict[str, Any], files: dict[str, bytes]) -> None:
+        """One image's files (each atomically), then its results.jsonl line; a file that cannot be
+        written makes a failure row instead (``"stage": "write"``, retried by the next run)."""
+        try:
+            for name, data in files.items():
+                write_bytes_atomic(self.out / name, data)
+        except OSError as err:
+            self.failures_log.append({"file": rel, "reason": describe_os_error(err), "stage": "write"})
+            return
+        self.results.append({"file": rel, **row})
+        self.n_done += 1
+        if self.stop_after is not None and self.n_done >= self.stop_after:
+            raise _Stop
 
-        Besides the overlays and the lesion mask: the lung-field mask (with a lung model) and the
-        lesion instance map (uint16 PNG, k on the k-th lesion of the row); each lesion of the row
-        carries its COCO RLE for the run's ``lesions_coco.json``.
-        """
-        images = result_images(a, original)
-        names = {"gradcam_overlay": output_name(f"overlays/{rel}", ".gradcam.png")}
-        stage2 = a.stage2_fields()
-        if a.seg is not None:
-            names.update(mask=output_name(f"masks/{rel}", ".png"),
-                         mask_overlay=output_name(f"overlays/{rel}", ".mask.png"),
-                         lesion_instances=output_name(f"masks/{rel}", ".instances.png"))
-            images["lesion_instances"] = a.seg.instances
-            for k, lesion in enumerate(stage2["lesions"], start=1):
-                lesion["rle"] = encode_coco_rle(a.seg.instances == k)
-            if a.seg.lung is not None:
-                names["lung_mask"] = output_name(f"masks/{rel}", ".lung.png")
-                images["lung_mask"] = a.seg.lung.astype(np.uint8) * 255
-        pictures = {"gradcam_overlay": "gradcam"}
-        for field, name in names.items():
-            write_png(self.out / name, images[pictures.get(field, field)])
-        return {**a.answer_fields(), **{f"p_{c}": p for c, p in a.probabilities.items()}, **stage2,
-                "width": int(original.shape[1]), "height": int(original.shape[0]), **names}
+
+def render_result(rel: str, a: ImageAnalysis, original: np.ndarray) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One analysed image's result row (without "file") and its pictures as PNG files (output name → bytes).
+
+    Besides the overlays and the lesion mask: the lung-field mask (with a lung model) and the
+    lesion instance map (uint16 PNG, k on the k-th lesion of the row); each lesion of the row
+    carries its COCO RLE for the run's ``lesions_coco.json``. Pure: runs where the analysis ran
+    (here, or on a Ray worker).
+    """
+    images = result_images(a, original)
+    names = {"gradcam_overlay": output_name(f"overlays/{rel}", ".gradcam.png")}
+    stage2 = a.stage2_fields()
+    if a.seg is not None:
+        names.update(mask=output_name(f"masks/{rel}", ".png"),
+                     mask_overlay=output_name(f"overlays/{rel}", ".mask.png"),
+                     lesion_instances=output_name(f"masks/{rel}", ".instances.png"))
+        images["lesion_instances"] = a.seg.instances
+        for k, lesion in enumerate(stage2["lesions"], start=1):
+            lesion["rle"] = encode_coco_rle(a.seg.instances == k)
+        if a.seg.lung is not None:
+            names["lung_mask"] = output_name(f"masks/{rel}", ".lung.png")
+            images["lung_mask"] = a.seg.lung.astype(np.uint8) * 255
+    pictures = {"gradcam_overlay": "gradcam"}
+    files = {name: encode_png(images[pictures.get(field, field)]) for field, name in names.items()}
+    row = {**a.answer_fields(), **{f"p_{c}": p for c, p in a.probabilities.items()}, **stage2,
+           "width": int(original.shape[1]), "height": int(original.shape[0]), **names}
+    return row, files
 
 
 class _Stop(Exception):

@@ -21,3 +21,21 @@ def configure_graph_training() -> None:
     import tensorflow as tf
 
     tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+
+
+def limit_threads(threads: int) -> bool:
+    """Run TensorFlow's ops on at most ``threads`` threads in this process (a Ray actor given that many
+    CPUs, say). False when it cannot: TensorFlow already ran an op here (its pools are then fixed),
+    or another backend is in use (left as it is)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        return False
+    return True

@@ -191,7 +191,7 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_writes(light_bund
 
 
 def test_write_failures_become_failure_rows_and_are_retried(light_bundle, seg_model, tmp_path, monkeypatch, capsys):
-    from data import files as files_module
+    from pipeline import run as files_module  # where `cxr run` writes each picture
 
     folder = tmp_path / "in"
     folder.mkdir()

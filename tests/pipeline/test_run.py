@@ -5,39 +5,12 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fakes import BAD_CORPUS_EXPECT, png_bytes, progress_recorder, xray_like
+from fakes import png_bytes, progress_recorder, xray_like
 from pipeline.cli import main
-
-
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory, bad_corpus):
-    """Good X-rays (real ones from ../shared/data when present, generated otherwise) plus the bad corpus."""
-    d = tmp_path_factory.mktemp("mixed")
-    real = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cxr"
-    good = []
-    if (real / "manifest.csv").is_file():
-        for label in ("covid", "pneumonia", "normal"):
-            for p in sorted((real / label).glob("*.png"))[:2]:
-                shutil.copy(p, d / f"real_{p.name}")
-                good.append(f"real_{p.name}")
-    for i in range(3):
-        (d / "gen").mkdir(exist_ok=True)
-        (d / "gen" / f"g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=300 + i)))
-        good.append(f"gen/g{i}.png")
-    (d / "gen" / "blank.png").write_bytes(png_bytes(np.full((90, 80), 128, np.uint8)))  # readable, not an X-ray
-    good.append("gen/blank.png")
-    (d / "bad").mkdir()
-    bad = []
-    for name, expect in BAD_CORPUS_EXPECT.items():
-        shutil.copy(bad_corpus / name, d / "bad" / name)
-        (bad if expect != "ok" else good).append(f"bad/{name}")
-    return d, sorted(good), sorted(bad)
 
 
 def _rows(path):
