@@ -11,9 +11,10 @@ line itself, as the local run does. Ray does the compute:
   :func:`pipeline.analysis.analyse_batch` and renders the pictures as PNG bytes
   (:func:`pipeline.run.render_result`); one GPU per actor where the cluster has GPUs.
 
-Where the actors ask for the same resources as the decode tasks (CPU only), Ray fuses the two
-steps into one worker and the decoded pixels never pass through the object store; with GPUs
-the decode runs in tasks of its own on the CPUs.
+On a CPU-only cluster the decode asks for the actors' resources, so Ray fuses the two steps into
+one worker and the decoded pixels never pass through the object store (it also means no decode
+task waits for a CPU that the actors hold); with GPUs the decode runs in tasks of its own on the
+CPUs the actors leave.
 
 Bundles reach the actors by path (shared storage) and, when ``ship_bundles`` (the default when
 connecting to an existing cluster), also through Ray's object store as an archive; either way
@@ -230,7 +231,7 @@ def analyse_on_ray(paths: Sequence[Path], rels: Sequence[str], options: RayOptio
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        workers = options.workers or (gpus if gpus else max(1, int(resources.get("CPU", 1))))
+        workers = options.workers or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // options.threads))
         ship = options.ship_bundles if options.ship_bundles is not None else options.address is not None
         bundles = {"classifier": BundleRef.of("classifier", classifier, ship=ship),
                    "segmenter": BundleRef.of("segmenter", segmenter, ship=ship)}
@@ -240,7 +241,11 @@ def analyse_on_ray(paths: Sequence[Path], rels: Sequence[str], options: RayOptio
 
         items = [{"path": str(p), "rel": r} for p, r in zip(paths, rels)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        # CPU only: the decode asks for what the actors ask for, so that Ray fuses the two (a decode
+        # task waiting for a CPU that the actors hold would otherwise never run). With GPUs the decode
+        # runs in tasks of its own, on the CPUs the actors leave.
+        ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+                            num_cpus=1 if gpus else options.threads,
                             fn_kwargs={"input_config": classifier.input, "max_pixels": max_pixels})
         ds = ds.map_batches(Analyser, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=options.threads,
