@@ -16,6 +16,9 @@ for the local run, already traced by a warm-up run).
 * ``startup_s``: wall_small minus small / img_s, the fixed cost of a run.
 * ``overhead_ms``: per image, 1000 / img_s minus the same for the local run (what Ray adds once
   running: pickling, the object store, the driver's writes, and fewer threads per model).
+* ``write_ms``: per image of the full run, the time spent writing its files and its fsynced log
+  line (``_FolderRun._write_rendered``): on Ray the driver does this alone for the whole
+  cluster, so 1000 / write_ms is the ceiling of a cluster run on this storage.
 
     .venv/bin/python benchmarks/bench_scale.py [--images 96] [--small 16] [--size 128] [--seg-size 128] [--cpus 2]
         [--json OUT]
@@ -36,29 +39,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pipeline import DEFAULT_DATA, link_folder, make_bundles  # noqa: E402
 
+WRITE_SECONDS: list[float] = []
 
-def timed_run(folder: Path, out: Path, models, *, batch: int, ray_options=None) -> float:
-    """Wall seconds of one `cxr run` (pipeline.api.run_folder, every image segmented)."""
+
+def _timed_writes() -> None:
+    """Record the seconds of every image's writes (files and log line) in WRITE_SECONDS."""
+    from pipeline import run as run_module
+
+    real = run_module._FolderRun._write_rendered
+
+    def timed(self, *args):
+        t = time.perf_counter()
+        try:
+            return real(self, *args)
+        finally:
+            WRITE_SECONDS.append(time.perf_counter() - t)
+
+    run_module._FolderRun._write_rendered = timed
+
+
+def timed_run(folder: Path, out: Path, models, *, batch: int, ray_options=None) -> tuple[float, float]:
+    """(wall seconds, mean write ms per image) of one `cxr run` (pipeline.api.run_folder, every image segmented)."""
     from pipeline import api
 
+    WRITE_SECONDS.clear()
     start = time.perf_counter()
     res = api.run_folder(folder, out, models, segment_all=True, batch_size=batch, ray=ray_options)
     wall = time.perf_counter() - start
     if res.n_failed or res.n_skipped:
         raise SystemExit(f"{out}: {res.n_done} done, {res.n_failed} failed, {res.n_skipped} skipped")
-    return wall
+    return wall, 1000 * sum(WRITE_SECONDS) / max(1, len(WRITE_SECONDS))
 
 
 def measure(data: Path, tmp: Path, name: str, models, *, small: int, images: int, batch: int,
             ray_options=None) -> dict[str, float]:
-    walls = {}
+    walls, write_ms = {}, 0.0
     for n in (small, images):
         folder = tmp / f"in{n}"
         if not folder.exists():
             link_folder(data, n, folder)
-        walls[n] = timed_run(folder, tmp / f"{name}-{n}", models, batch=batch, ray_options=ray_options)
+        walls[n], write_ms = timed_run(folder, tmp / f"{name}-{n}", models, batch=batch, ray_options=ray_options)
     rate = (images - small) / (walls[images] - walls[small])
-    return {"wall_s": walls[images], "img_s": rate, "startup_s": walls[small] - small / rate}
+    return {"wall_s": walls[images], "img_s": rate, "startup_s": walls[small] - small / rate, "write_ms": write_ms}
 
 
 def main() -> int:
@@ -79,6 +101,8 @@ def main() -> int:
     import ray
 
     from pipeline import api
+
+    _timed_writes()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -107,10 +131,11 @@ def main() -> int:
     print(f"cxr run, {args.small} then {args.images} real X-rays (segment-all), classifier {args.size} px, "
           f"segmenter {args.seg_size} px, batch {args.batch}, Keras engine; "
           f"local Ray with {args.cpus} CPUs started in {ray_start:.1f} s")
-    print(f"{'configuration':<24} {'wall s':>8} {'startup s':>10} {'img/s':>7} {'overhead ms/img':>16}")
+    print(f"{'configuration':<24} {'wall s':>8} {'startup s':>10} {'img/s':>7} {'overhead ms/img':>16} "
+          f"{'write ms/img':>13}")
     for name, row in rows.items():
         print(f"{name:<24} {row['wall_s']:>8.1f} {row['startup_s']:>10.1f} {row['img_s']:>7.2f} "
-              f"{row['overhead_ms']:>16.1f}")
+              f"{row['overhead_ms']:>16.1f} {row['write_ms']:>13.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ray_start_s": ray_start, "rows": rows},
                                               indent=2) + "\n")

@@ -295,6 +295,7 @@ def make_dataset(
     failures: FailureLog | None = None,
     one_hot: bool = True,
     num_parallel_calls: int | None = None,
+    drop_remainder: bool = False,
 ):
     """A batched stream of ``records`` from disk, for ``fit``, ``predict`` or a plain ``for`` loop.
 
@@ -307,6 +308,8 @@ def make_dataset(
     On the TensorFlow backend this is a prefetched ``tf.data.Dataset``; on the others (PyTorch,
     JAX) a :class:`data.batches.RecordBatches` (keras.utils.PyDataset) with the same elements and seeds.
     Both have ``.map(fn)`` over batches; write ``fn`` with ``keras.ops`` to serve both.
+    ``drop_remainder`` (TensorFlow only: what tf.distribute needs, data.runtime.distribute) drops
+    a last batch smaller than ``batch_size``.
     """
     import keras
 
@@ -318,15 +321,18 @@ def make_dataset(
     loader = _ExampleLoader(records, size=size, mode=mode, clahe=clahe, augment_params=augment_params, seed=seed,
                             mask_kind=mask_kind, failures=failures)
     if keras.backend.backend() != "tensorflow":
+        if drop_remainder:
+            raise ValueError("drop_remainder is for tf.distribute, on the TensorFlow backend only")
         from data.batches import RecordBatches
 
         return RecordBatches(loader, batch_size=batch_size, shuffle=shuffle, one_hot=one_hot,
                              workers=num_parallel_calls or min(8, os.cpu_count() or 1))
     return _tf_dataset(loader, batch_size=batch_size, shuffle=shuffle, one_hot=one_hot,
-                       num_parallel_calls=num_parallel_calls)
+                       num_parallel_calls=num_parallel_calls, drop_remainder=drop_remainder)
 
 
-def _tf_dataset(loader: _ExampleLoader, *, batch_size: int, shuffle: bool, one_hot: bool, num_parallel_calls):
+def _tf_dataset(loader: _ExampleLoader, *, batch_size: int, shuffle: bool, one_hot: bool, num_parallel_calls,
+                drop_remainder: bool = False):
     import tensorflow as tf  # data's only TensorFlow dependency, kept out of import time
 
     n, size, mask_shape = len(loader.records), loader.size, loader.mask_shape
@@ -370,7 +376,7 @@ def _tf_dataset(loader: _ExampleLoader, *, batch_size: int, shuffle: bool, one_h
     ds = ds.flat_map(_epoch_elements)
     ds = ds.map(_map, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(lambda i, x, y, ok: ok).map(_target)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def _mix(*values: int) -> int:

@@ -20,6 +20,13 @@ import numpy as np
 from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
+from data.runtime.distribute import (
+    Distribution,
+    distribution_scope,
+    off_strategy,
+    start_distribution,
+    synchronized_batchnorm,
+)
 from data.runtime.training import (
     FitRecipe,
     RecipeSettings,
@@ -205,23 +212,37 @@ def train_classifier(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not train or not val:
         raise ValueError(f"need training and validation images, got {len(train)} and {len(val)}")
+    dist = start_distribution(settings.distribute, replicas=settings.replicas, global_batch=settings.batch_size)
+    return _train_classifier(settings, train, val, out_dir, dist, verbose=verbose)
+
+
+def _train_classifier(settings: ClassifierSettings, train: Sequence[Record], val: Sequence[Record], out_dir: Path,
+                      dist: Distribution | None, *, verbose: int | None) -> TrainResult:
+    """:func:`train_classifier` with its distribution (``dist``: None on one device; only the fit runs
+    under the strategy, see data.runtime.distribute)."""
     keras.utils.set_random_seed(settings.seed)
     cw = class_weight_table([r.label for r in train], settings.class_weights)
     weight_files = _weight_file_hashes(settings)
-    model = build_ensemble(
-        settings.members, variant=settings.variant, member_weights=settings.member_weights,
-        weights=settings.weights, input_shape=(settings.image_size, settings.image_size, spec.CHANNELS),
-        freeze_fraction=settings.freeze_fraction, dropout=settings.dropout,
-    )
+    with distribution_scope(dist):
+        model = build_ensemble(
+            settings.members, variant=settings.variant, member_weights=settings.member_weights,
+            weights=settings.weights, input_shape=(settings.image_size, settings.image_size, spec.CHANNELS),
+            freeze_fraction=settings.freeze_fraction, dropout=settings.dropout,
+        )
     recipe = FitRecipe.from_settings(settings)
     prepare_for_training(model, recipe)
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed)
-    train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
-    val_ds = make_dataset(val, **common)
-    history, seconds = _fit_units(model, settings, recipe, train_ds, val_ds, cw, n_train=len(train),
-                                  out_dir=out_dir, verbose=verbose)
+    fit_common = {**common, "drop_remainder": dist is not None}
+    train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
+                            **fit_common)
+    val_ds = make_dataset(val, **common)  # every validation image: calibration below
+    fit_val_ds = make_dataset(val, **fit_common) if dist else val_ds
+    with distribution_scope(dist), synchronized_batchnorm(model, dist):
+        history, seconds = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw, n_train=len(train),
+                                      out_dir=out_dir, verbose=verbose)
+    model = off_strategy(model, dist)
     # One pass over the training images without augmentation (what inference will see): the first
     # batches re-estimate BatchNorm, and every image gives its layout vector for the input check.
     layouts: list[np.ndarray] = []
@@ -260,7 +281,7 @@ def train_classifier(
         model, out_dir, members=settings.members, variant=settings.variant, image_size=settings.image_size,
         config=config, temperature=cal.temperature, member_weights=cal.member_weights,
         resize_mode=settings.resize_mode, clahe=settings.clahe, weight_files=weight_files,
-        extra_meta={"validation": validation, "refer": refer},
+        extra_meta={"validation": validation, "refer": refer, "distribute": dist.record() if dist else None},
     )
     return TrainResult(load_classifier(out_dir), history, cw, cal.temperature, list(failures.items), validation)
 

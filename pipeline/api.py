@@ -15,6 +15,7 @@ from data.check import DataReport, check_records, orphan_masks
 from data.datasets import DatasetError, FailureLog, Record, load_records, pair_masks
 from data.errors import UsageError
 from data.masks import SEGMENTATION_SCORES
+from data.runtime.distribute import STRATEGIES as DISTRIBUTE_STRATEGIES
 from data.runtime.engines import ENGINES
 from data.spec import CLASS_NAMES, DEFAULT_MAX_PIXELS
 from data.splits import plan_split, read_splits, split_counts, write_splits
@@ -28,13 +29,12 @@ from pipeline.report import ci_text, metrics_table
 
 # Besides the functions, what the command line reads: argument choices and defaults, and the text
 # helpers it prints with.
-__all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS", "ENGINES",
-           "EXPORT_FORMATS", "SEGMENTATION_SCORES", "RayOptions", "ServeSettings", "ci_text", "describe_os_error",
-           "metrics_table",
-           "CheckResult", "ExportResult", "Models", "SplitResult", "check_data", "demo",
-           "evaluate_classifier", "evaluate_segmenter", "export_model", "gather_folders", "gather_records",
-           "gradcam", "import_masks", "load_models", "predict", "progress_bar", "reproduce", "run_folder", "segment",
-           "serve", "split_data", "train_classifier", "train_segmenter"]
+__all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS",
+           "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SEGMENTATION_SCORES", "RayOptions",
+           "ServeSettings", "ci_text", "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models",
+           "SplitResult", "check_data", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
+           "gather_folders", "gather_records", "gradcam", "import_masks", "load_models", "predict", "progress_bar",
+           "reproduce", "run_folder", "segment", "serve", "split_data", "train_classifier", "train_segmenter"]
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from data.errors import CxrError
 from pipeline import __version__, api
@@ -76,7 +76,7 @@ def _progress(desc: str):
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     overrides = {"members": args.members.split(",") if args.members else None, "variant": args.variant,
                  "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "weights": args.weights, "seed": args.seed}
+                 "weights": args.weights, "seed": args.seed, **_distribute_overrides(args)}
     res = api.train_classifier(args.data, args.out, manifest=args.manifest, config=args.config, overrides=overrides,
                                splits=args.splits, allow_leaks=args.allow_leaks, progress=_progress("hashing"))
     best = min(res.history.get("val_loss", [float("nan")]))
@@ -143,9 +143,23 @@ def _cmd_import_masks(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if res.problems else EXIT_OK
 
 
+def _distribute_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"distribute": args.distribute, "replicas": args.replicas}
+
+
+def _distribute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distribute", choices=api.DISTRIBUTE_STRATEGIES,
+                   help="mirrored: tf.distribute.MirroredStrategy over this host's GPUs (--batch-size stays the "
+                        "global batch; BatchNorm synchronised); multiworker is refused (Keras 3 bug, see README)")
+    p.add_argument("--replicas", type=_positive_int,
+                   help="with --distribute mirrored: how many GPUs (default all); without GPUs, N logical CPU "
+                        "devices (checks the distributed path, not faster)")
+
+
 def _cmd_train_segmenter(args: argparse.Namespace) -> int:
     overrides = {"arch": args.arch, "kind": args.kind, "image_size": args.image_size, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed, "classes": args.classes}
+                 "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed, "classes": args.classes,
+                 **_distribute_overrides(args)}
     res = api.train_segmenter(args.images, args.out, masks=args.masks, manifest=args.manifest, config=args.config,
                               overrides=overrides, splits=args.splits, allow_leaks=args.allow_leaks,
                               progress=_progress("hashing"))
@@ -333,6 +347,7 @@ def _add_classifier_commands(sub) -> None:
     train.add_argument("--weights", help="imagenet | none | a .h5 file | a folder of Keras *_notop.h5 files")
     train.add_argument("--seed", type=int)
     train.add_argument("--allow-leaks", action="store_true", help="train even if a patient or duplicate spans splits")
+    _distribute_args(train)
     train.set_defaults(func=_cmd_train_classifier)
 
     ev = sub.add_parser("evaluate", help="metrics, per-source table and plots for a trained classifier")
@@ -410,6 +425,7 @@ def _add_segmenter_commands(sub) -> None:
     ts.add_argument("--splits", type=_existing_file)
     ts.add_argument("--seed", type=int)
     ts.add_argument("--allow-leaks", action="store_true")
+    _distribute_args(ts)
     ts.set_defaults(func=_cmd_train_segmenter)
 
     es = sub.add_parser("evaluate-segmenter", help="Dice, IoU, precision, recall (95 %% CIs), HD95 and a gallery")

@@ -127,8 +127,12 @@ def run_training_job(records: Sequence[Record], out: str | os.PathLike[str], set
     patient-level split, record the settings (config.toml, run.json), train on the train split
     with the val split, then plot the curves and list the unreadable files."""
     from data.files import write_json
+    from data.runtime.distribute import start_distribution
     from pipeline.report import plot_history
 
+    # Devices first: a distribution that cannot be set up fails before any folder or split is made
+    # (and logical CPU devices must exist before TensorFlow starts); the trainer gets the same one.
+    start_distribution(settings.distribute, replicas=settings.replicas, global_batch=settings.batch_size)
     out = prepare_output_dir(out)
     t0 = time.perf_counter()
     assignment = resolve_splits(records, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)

@@ -17,6 +17,13 @@ from keras import ops
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.runtime.bundle import save_bundle
+from data.runtime.distribute import (
+    Distribution,
+    distribution_scope,
+    off_strategy,
+    start_distribution,
+    synchronized_batchnorm,
+)
 from data.runtime.training import FitRecipe, fit_best, prepare_for_training, reestimate_batchnorm
 from segmenter.losses import get_loss
 from segmenter.model import KIND, Segmenter, load_segmenter
@@ -59,24 +66,38 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     if not train or not val:
         raise ValueError(f"need {' and '.join(settings.mask_kinds)} masks in both splits; "
                          f"found {len(train)} train, {len(val)} val")
+    dist = start_distribution(settings.distribute, replicas=settings.replicas, global_batch=settings.batch_size)
+    return _train_segmenter(settings, train, val, out_dir, dist, verbose=verbose)
+
+
+def _train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir: Path,
+                     dist: Distribution | None, *, verbose: int | None) -> SegmenterTrainResult:
+    """:func:`train_segmenter` with its distribution (``dist``: None on one device; only the fit runs
+    under the strategy, see data.runtime.distribute)."""
     keras.utils.set_random_seed(settings.seed)
-    model = build_segmenter(settings)
+    with distribution_scope(dist):
+        model = build_segmenter(settings)
     recipe = FitRecipe.from_settings(settings)
     prepare_for_training(model, recipe)
     failures = FailureLog()
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed,
                   mask_kind=settings.kind if settings.classes == "binary" else settings.mask_kinds)
-    train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None, **common)
-    val_ds = make_dataset(val, **common)
+    fit_common = {**common, "drop_remainder": dist is not None}
+    train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
+                            **fit_common)
+    val_ds = make_dataset(val, **fit_common)
     if settings.classes == "lung-lesion":
         train_ds, val_ds = train_ds.map(lung_lesion_targets), val_ds.map(lung_lesion_targets)
-    fitted = fit_best(model, train_ds, val_ds, recipe=recipe, n_train=len(train), loss=get_loss(settings.loss),
-                      metrics=[dice_coefficient], out_dir=out_dir, verbose=verbose)
+    with distribution_scope(dist), synchronized_batchnorm(model, dist):
+        fitted = fit_best(model, train_ds, val_ds, recipe=recipe, n_train=len(train), loss=get_loss(settings.loss),
+                          metrics=[dice_coefficient], out_dir=out_dir, verbose=verbose)
+    model = off_strategy(model, dist)
     plain = make_dataset(train, shuffle=True, **common)  # no augmentation
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes, "threshold": settings.threshold,
-            "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe}
+            "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
+            "distribute": dist.record() if dist else None}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
     return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items))

@@ -67,6 +67,8 @@ class RecipeSettings:
     reduce_lr_factor: float = 0.5
     bn_momentum: float | None = None  # None keeps Keras' 0.99
     bn_reestimate_batches: int = 0
+    distribute: str = "none"  # "mirrored": several devices of one host (data.runtime.distribute)
+    replicas: int = 0  # with "mirrored": how many devices (0: every GPU)
 
     def check_recipe_fields(self, *, presets: Mapping[str, Any], epochs: int, label_smoothing: float = 0.0) -> None:
         """ValueError naming the first bad recipe value (called by the subclasses' __post_init__)."""
@@ -77,6 +79,9 @@ class RecipeSettings:
                      weight_decay=self.weight_decay)
         if self.bn_reestimate_batches < 0:
             raise ValueError("bn_reestimate_batches must be ≥ 0")
+        from data.runtime.distribute import check_distribute
+
+        check_distribute(self.distribute, self.replicas)
 
 
 def build_optimizer(name: str, learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,

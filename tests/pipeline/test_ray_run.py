@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -37,28 +38,7 @@ def _pictures(out: Path) -> set[str]:
     return {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
 
 
-def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, light_bundle, seg_model, tmp_path,
-                                                            models_loaded_once, local_ray):
-    """Good, bad and DICOM files. The first Ray run is SIGKILLed after its 3rd image; the rerun
-    (same command) finishes the rest; together they give the local run's rows, reasons and pictures."""
-    folder, good, bad = mixed_folder
-    local, distributed = tmp_path / "local", tmp_path / "ray"
-    args = ["run", str(folder), "--classifier", str(light_bundle), "--segmenter", str(seg_model), "--batch-size", "4"]
-    assert main([*args, "--out", str(local)]) == 1  # some inputs are bad
-
-    # -P: the script's folder (tests/, whose pipeline/ would shadow the package) is not put on sys.path
-    killed = subprocess.Popen([sys.executable, "-P", str(HERE / "ray_killed_run.py"), str(folder), str(distributed),
-                               str(light_bundle), str(seg_model), "3"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = killed.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the local Ray it left behind: end its process group
-            os.killpg(killed.pid, signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL, stderr[-2000:]
-    assert len((distributed / "results.jsonl").read_text().splitlines()) == 3
-
-    assert main([*args, "--out", str(distributed), "--ray"]) == 1
+def _assert_same_run(distributed: Path, local: Path, good: list[str], bad: list[str]) -> None:
     ours, theirs = _rows(distributed / "results.csv"), _rows(local / "results.csv")
     assert sorted(ours) == sorted(theirs) == good
     for name, row in ours.items():
@@ -72,6 +52,68 @@ def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, light_b
     assert _pictures(distributed) == _pictures(local)
     assert len((distributed / "results.jsonl").read_text().splitlines()) == len(good)  # no image done twice
     assert (distributed / "report.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def local_run(mixed_folder, light_bundle, seg_model, loaded_bundles, tmp_path_factory):
+    """The mixed folder's local run, the reference of the Ray runs."""
+    from pipeline.run import run_pipeline
+
+    clf, seg = loaded_bundles
+    out = tmp_path_factory.mktemp("ray-ref") / "local"
+    run_pipeline(mixed_folder[0], out, classifier=clf, segmenter=seg, batch_size=4)
+    return out
+
+
+def _cli_args(folder, light_bundle, seg_model, out):
+    return ["run", str(folder), "--classifier", str(light_bundle), "--segmenter", str(seg_model), "--batch-size", "4",
+            "--out", str(out)]
+
+
+def test_ray_finishes_a_stopped_run_with_the_local_results(mixed_folder, local_run, light_bundle, seg_model,
+                                                          loaded_bundles, tmp_path, models_loaded_once, local_ray):
+    """Good, bad and DICOM files. A run stops after its 3rd image with a torn log line (what a kill
+    leaves); `--ray` on a local Ray with 2 CPUs finishes the rest, and the whole equals the local
+    run: rows, failure reasons, pictures. (One Ray execution keeps this in CI's budget; a Ray run
+    killed by SIGKILL and rerun is the slow test below.)"""
+    from pipeline.run import run_pipeline
+
+    folder, good, bad = mixed_folder
+    clf, seg = loaded_bundles
+    distributed = tmp_path / "ray"
+    assert run_pipeline(folder, distributed, classifier=clf, segmenter=seg, batch_size=4, stop_after=3).n_done == 3
+    done_first = {json.loads(line)["file"] for line in (distributed / "results.jsonl").read_text().splitlines()}
+    failed_first = len((distributed / "failures.jsonl").read_text().splitlines())
+    with (distributed / "results.jsonl").open("ab") as handle:
+        handle.write(b'{"file": "torn')
+    assert main([*_cli_args(folder, light_bundle, seg_model, distributed), "--ray", "--ray-workers", "1"]) == 1
+    _assert_same_run(distributed, local_run, good, bad)
+    # Ray decoded the DICOM and the generated X-rays, and gave the failure reasons
+    assert {"bad/mono1.dcm", *[g for g in good if g.startswith("gen/")]}.isdisjoint(done_first)
+    assert len((distributed / "failures.jsonl").read_text().splitlines()) == len(bad)  # each once
+    assert failed_first < len(bad) // 2  # the rest came from Ray
+
+
+@pytest.mark.slow
+def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, local_run, light_bundle, seg_model, tmp_path,
+                                                            models_loaded_once, local_ray):
+    """The first Ray run, in a process of its own, is SIGKILLed right after its 3rd image; the rerun
+    finishes the rest."""
+    folder, good, bad = mixed_folder
+    distributed = tmp_path / "ray"
+    # -P: the script's folder (tests/, whose pipeline/ would shadow the package) is not put on sys.path
+    killed = subprocess.Popen([sys.executable, "-P", str(HERE / "ray_killed_run.py"), str(folder), str(distributed),
+                               str(light_bundle), str(seg_model), "3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = killed.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the local Ray it left behind: end its process group
+            os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert len((distributed / "results.jsonl").read_text().splitlines()) == 3
+    assert main([*_cli_args(folder, light_bundle, seg_model, distributed), "--ray"]) == 1
+    _assert_same_run(distributed, local_run, good, bad)
 
 
 def test_bundles_travel_through_the_object_store_checked_by_sha256(light_bundle, loaded_bundles, tmp_path,
