@@ -27,6 +27,7 @@ import io
 import logging
 import math
 import pickle
+import re
 import socket
 import tarfile
 import tempfile
@@ -253,16 +254,35 @@ def analyse_on_ray(paths: Sequence[Path], rels: Sequence[str], options: RayOptio
                             fn_constructor_kwargs={"bundles": bundles, "engine": classifier.engine,
                                                    "segment_all": segment_all, "version": __version__,
                                                    "threads": options.threads})
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for path, rel, reason, result in zip(batch["path"], batch["rel"], batch["reason"], batch["result"]):
-                if reason:
-                    yield Analysed(Path(path), str(rel), str(reason))
-                else:
-                    row, files = pickle.loads(result)
-                    yield Analysed(Path(path), str(rel), None, row, files)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for path, rel, reason, result in zip(batch["path"], batch["rel"], batch["reason"], batch["result"]):
+                    if reason:
+                        yield Analysed(Path(path), str(rel), str(reason))
+                    else:
+                        row, files = pickle.loads(result)
+                        yield Analysed(Path(path), str(rel), None, row, files)
+        except ray.exceptions.RayError as err:
+            raise _worker_error(err) from err
     finally:
         if started:
             ray.shutdown()
+
+
+def _worker_error(err: Exception) -> RayRunError:
+    """A worker's failure as one line: our own error's message where a worker raised one (a missing
+    bundle, another version), else the last line of Ray's report. Ray keeps the original only as
+    text when an actor dies in ``__init__``."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, CxrError):
+        return RayRunError(str(cause))
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    ours = [line.split(": ", 1)[1] for line in lines if _RAISED.match(line)]
+    return RayRunError(ours[-1] if ours else f"a Ray worker failed: {next((x for x in reversed(lines) if x), err)}")
+
+
+#: a line of a traceback naming one of this project's errors ("pipeline.ray_run.RayRunError: ...")
+_RAISED = re.compile(r"^(data|ensemble|segmenter|gradcam|pipeline)(\.\w+)+Error: ")
 
 
 def _import_ray():

@@ -133,6 +133,22 @@ def test_bundles_travel_through_the_object_store_checked_by_sha256(light_bundle,
         replace(by_path, sha256="0" * 64).load(tmp_path)
 
 
+def test_a_worker_without_the_bundle_stops_the_run_with_the_fix(loaded_bundles, mixed_folder, tmp_path, local_ray):
+    """The driver's bundle folder is not there for the worker (no shared storage, nothing shipped):
+    the run stops with the worker's reason and the fix, not a Ray traceback, and nothing is lost."""
+    from dataclasses import replace
+
+    from pipeline.ray_run import RayOptions, RayRunError
+    from pipeline.run import run_pipeline
+
+    clf, seg = loaded_bundles
+    elsewhere = replace(clf, path=tmp_path / "only-on-the-driver")
+    with pytest.raises(RayRunError, match="only-on-the-driver on worker .*: no classifier bundle there; put the "
+                                          "bundles on storage every node mounts"):
+        run_pipeline(mixed_folder[0], tmp_path / "out", classifier=elsewhere, segmenter=seg, ray=RayOptions(workers=1))
+    assert (tmp_path / "out" / "run.json").is_file() and not (tmp_path / "out" / "results.csv").exists()
+
+
 def test_a_worker_on_another_version_is_refused(loaded_bundles, local_ray):
     from pipeline.ray_run import Analyser, BundleRef, RayRunError
 
