@@ -232,7 +232,12 @@ def analyse_on_ray(paths: Sequence[Path], rels: Sequence[str], options: RayOptio
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        workers = options.workers or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // options.threads))
+        cpus = int(resources.get("CPU", 1))
+        workers = options.workers or (gpus if gpus else max(1, cpus // options.threads))
+        if options.address is None and not gpus and workers * options.threads > cpus:
+            # a local Ray never grows: the pool would wait for CPUs that do not exist
+            raise RayRunError(f"{workers} actor(s) × {options.threads} thread(s) need {workers * options.threads} "
+                              f"CPUs; this local Ray has {cpus}: lower --ray-workers or --ray-threads")
         ship = options.ship_bundles if options.ship_bundles is not None else options.address is not None
         bundles = {"classifier": BundleRef.of("classifier", classifier, ship=ship),
                    "segmenter": BundleRef.of("segmenter", segmenter, ship=ship)}

@@ -160,3 +160,20 @@ def mixed_folder(tmp_path_factory, bad_corpus):
         shutil.copy(bad_corpus / name, d / "bad" / name)
         (bad if expect != "ok" else good).append(f"bad/{name}")
     return d, sorted(good), sorted(bad)
+
+
+@pytest.fixture(scope="session")
+def mixed_run(mixed_folder, loaded_bundles, light_bundle, seg_model, tmp_path_factory):
+    """(exit code, OUT) of `cxr run --lung-model` on the mixed folder, with the bundles loaded once
+    (the segmenter doubles as the lung model): test_run checks it, test_ray_run compares with it."""
+    from pipeline import api
+    from pipeline.cli import main
+
+    clf, seg = loaded_bundles
+    out = tmp_path_factory.mktemp("mixed-run") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "load_models", lambda classifier, segmenter, lung_model=None, **kwargs:
+                      api.Models(clf, seg, seg if lung_model else None))
+        code = main(["run", str(mixed_folder[0]), "--classifier", str(light_bundle), "--segmenter", str(seg_model),
+                     "--lung-model", str(seg_model), "--out", str(out), "--batch-size", "4"])
+    return code, out

@@ -54,23 +54,13 @@ def _assert_same_run(distributed: Path, local: Path, good: list[str], bad: list[
     assert (distributed / "report.html").is_file()
 
 
-@pytest.fixture(scope="module")
-def local_run(mixed_folder, light_bundle, seg_model, loaded_bundles, tmp_path_factory):
-    """The mixed folder's local run, the reference of the Ray runs."""
-    from pipeline.run import run_pipeline
-
-    clf, seg = loaded_bundles
-    out = tmp_path_factory.mktemp("ray-ref") / "local"
-    run_pipeline(mixed_folder[0], out, classifier=clf, segmenter=seg, batch_size=4)
-    return out
-
-
 def _cli_args(folder, light_bundle, seg_model, out):
-    return ["run", str(folder), "--classifier", str(light_bundle), "--segmenter", str(seg_model), "--batch-size", "4",
-            "--out", str(out)]
+    """The arguments of the reference run (conftest.mixed_run), into ``out``."""
+    return ["run", str(folder), "--classifier", str(light_bundle), "--segmenter", str(seg_model), "--lung-model",
+            str(seg_model), "--batch-size", "4", "--out", str(out)]
 
 
-def test_ray_finishes_a_stopped_run_with_the_local_results(mixed_folder, local_run, light_bundle, seg_model,
+def test_ray_finishes_a_stopped_run_with_the_local_results(mixed_folder, mixed_run, light_bundle, seg_model,
                                                           loaded_bundles, tmp_path, models_loaded_once, local_ray):
     """Good, bad and DICOM files. A run stops after its 3rd image with a torn log line (what a kill
     leaves); `--ray` on a local Ray with 2 CPUs finishes the rest, and the whole equals the local
@@ -81,13 +71,14 @@ def test_ray_finishes_a_stopped_run_with_the_local_results(mixed_folder, local_r
     folder, good, bad = mixed_folder
     clf, seg = loaded_bundles
     distributed = tmp_path / "ray"
-    assert run_pipeline(folder, distributed, classifier=clf, segmenter=seg, batch_size=4, stop_after=3).n_done == 3
+    assert run_pipeline(folder, distributed, classifier=clf, segmenter=seg, lung_model=seg, batch_size=4,
+                        stop_after=3).n_done == 3
     done_first = {json.loads(line)["file"] for line in (distributed / "results.jsonl").read_text().splitlines()}
     failed_first = len((distributed / "failures.jsonl").read_text().splitlines())
     with (distributed / "results.jsonl").open("ab") as handle:
         handle.write(b'{"file": "torn')
     assert main([*_cli_args(folder, light_bundle, seg_model, distributed), "--ray", "--ray-workers", "1"]) == 1
-    _assert_same_run(distributed, local_run, good, bad)
+    _assert_same_run(distributed, mixed_run[1], good, bad)
     # Ray decoded the DICOM and the generated X-rays, and gave the failure reasons
     assert {"bad/mono1.dcm", *[g for g in good if g.startswith("gen/")]}.isdisjoint(done_first)
     assert len((distributed / "failures.jsonl").read_text().splitlines()) == len(bad)  # each once
@@ -95,7 +86,7 @@ def test_ray_finishes_a_stopped_run_with_the_local_results(mixed_folder, local_r
 
 
 @pytest.mark.slow
-def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, local_run, light_bundle, seg_model, tmp_path,
+def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, mixed_run, light_bundle, seg_model, tmp_path,
                                                             models_loaded_once, local_ray):
     """The first Ray run, in a process of its own, is SIGKILLed right after its 3rd image; the rerun
     finishes the rest."""
@@ -113,7 +104,7 @@ def test_a_killed_ray_run_resumes_and_equals_the_local_run(mixed_folder, local_r
     assert killed.returncode == -signal.SIGKILL, stderr[-2000:]
     assert len((distributed / "results.jsonl").read_text().splitlines()) == 3
     assert main([*_cli_args(folder, light_bundle, seg_model, distributed), "--ray"]) == 1
-    _assert_same_run(distributed, local_run, good, bad)
+    _assert_same_run(distributed, mixed_run[1], good, bad)
 
 
 def test_bundles_travel_through_the_object_store_checked_by_sha256(light_bundle, loaded_bundles, tmp_path,
@@ -179,3 +170,13 @@ def test_without_ray_the_error_names_the_install(monkeypatch, light_bundle, seg_
     assert main(["run", str(folder), "--classifier", str(light_bundle), "--segmenter", str(seg_model),
                  "--out", str(tmp_path / "out"), "--ray"]) == 2
     assert "pip install 'ray[data]" in capsys.readouterr().err
+
+
+def test_a_pool_larger_than_the_local_ray_is_refused(loaded_bundles, mixed_folder, tmp_path, local_ray):
+    from pipeline.ray_run import RayOptions, RayRunError
+    from pipeline.run import run_pipeline
+
+    clf, seg = loaded_bundles
+    with pytest.raises(RayRunError, match=r"2 actor\(s\) × 2 thread\(s\) need 4 CPUs; this local Ray has 2"):
+        run_pipeline(mixed_folder[0], tmp_path / "out", classifier=clf, segmenter=seg,
+                     ray=RayOptions(workers=2, threads=2))
