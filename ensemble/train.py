@@ -21,7 +21,7 @@ from data import spec
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.runtime.distribute import (
-    Distribution,
+    check_fit_sizes,
     distribution_scope,
     off_strategy,
     start_distribution,
@@ -212,14 +212,9 @@ def train_classifier(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not train or not val:
         raise ValueError(f"need training and validation images, got {len(train)} and {len(val)}")
+    # several devices (data.runtime.distribute): only the fit runs under the strategy
     dist = start_distribution(settings.distribute, replicas=settings.replicas, global_batch=settings.batch_size)
-    return _train_classifier(settings, train, val, out_dir, dist, verbose=verbose)
-
-
-def _train_classifier(settings: ClassifierSettings, train: Sequence[Record], val: Sequence[Record], out_dir: Path,
-                      dist: Distribution | None, *, verbose: int | None) -> TrainResult:
-    """:func:`train_classifier` with its distribution (``dist``: None on one device; only the fit runs
-    under the strategy, see data.runtime.distribute)."""
+    check_fit_sizes(dist, n_train=len(train), n_val=len(val))
     keras.utils.set_random_seed(settings.seed)
     cw = class_weight_table([r.label for r in train], settings.class_weights)
     weight_files = _weight_file_hashes(settings)

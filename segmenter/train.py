@@ -18,7 +18,7 @@ from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
 from data.runtime.bundle import save_bundle
 from data.runtime.distribute import (
-    Distribution,
+    check_fit_sizes,
     distribution_scope,
     off_strategy,
     start_distribution,
@@ -66,14 +66,9 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     if not train or not val:
         raise ValueError(f"need {' and '.join(settings.mask_kinds)} masks in both splits; "
                          f"found {len(train)} train, {len(val)} val")
+    # several devices (data.runtime.distribute): only the fit runs under the strategy
     dist = start_distribution(settings.distribute, replicas=settings.replicas, global_batch=settings.batch_size)
-    return _train_segmenter(settings, train, val, out_dir, dist, verbose=verbose)
-
-
-def _train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir: Path,
-                     dist: Distribution | None, *, verbose: int | None) -> SegmenterTrainResult:
-    """:func:`train_segmenter` with its distribution (``dist``: None on one device; only the fit runs
-    under the strategy, see data.runtime.distribute)."""
+    check_fit_sizes(dist, n_train=len(train), n_val=len(val))
     keras.utils.set_random_seed(settings.seed)
     with distribution_scope(dist):
         model = build_segmenter(settings)

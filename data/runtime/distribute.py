@@ -114,6 +114,17 @@ def start_distribution(distribute: str, *, replicas: int, global_batch: int) -> 
                         tf_strategy=_STRATEGIES[devices])
 
 
+def check_fit_sizes(dist: Distribution | None, *, n_train: int, n_val: int) -> None:
+    """DistributionError when the training or validation split is smaller than one global batch:
+    with the short last batch dropped, the fit would see no batch at all."""
+    if dist is None:
+        return
+    for name, n in (("training", n_train), ("validation", n_val)):
+        if n < dist.global_batch:
+            raise DistributionError(f"the {name} split has {n} image(s), fewer than one global batch "
+                                    f"({dist.global_batch}) on {dist.replicas} replicas; lower batch_size")
+
+
 def distribution_scope(dist: Distribution | None):
     """Where to build, compile and fit: the strategy's scope, or nothing on one device."""
     return dist.tf_strategy.scope() if dist is not None else contextlib.nullcontext()

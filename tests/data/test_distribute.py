@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from data.runtime.distribute import DistributionError, check_distribute, start_distribution
+from data.runtime.distribute import (
+    Distribution,
+    DistributionError,
+    check_distribute,
+    check_fit_sizes,
+    start_distribution,
+)
 from pipeline.cli import main
 
 HERE = Path(__file__).resolve().parents[1]
@@ -61,6 +67,10 @@ def test_what_cannot_be_spread_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="replicas needs distribute = 'mirrored'"):
         check_distribute("none", 2)
     assert start_distribution("none", replicas=0, global_batch=8) is None
+    two = Distribution("mirrored", ("/cpu:0", "/cpu:1"), global_batch=4, per_replica_batch=2)
+    check_fit_sizes(two, n_train=4, n_val=4)
+    with pytest.raises(DistributionError, match=r"validation split has 3 image\(s\), fewer than one global batch"):
+        check_fit_sizes(two, n_train=40, n_val=3)
     with pytest.raises(DistributionError, match="no GPU here.*replicas = N"):
         start_distribution("mirrored", replicas=0, global_batch=8)
     # This process already runs TensorFlow on one CPU device: two logical ones cannot be added now.
