@@ -86,7 +86,7 @@ class BundleRef:
     """A loaded bundle as the actors get it: its folder, the model file's sha256, and (when shipped)
     an object-store reference to an archive of the folder."""
 
-    role: str  # "classifier" | "segmenter"
+    role: str  # the bundle kind: "classifier" | "segmenter" (the lung model is a segmenter)
     path: str
     sha256: str
     archive: Any = None  # ray.ObjectRef of a tar archive's bytes
@@ -106,11 +106,10 @@ class BundleRef:
         from data.runtime.bundle import MODEL_FILE, SIDECAR, BundleError, read_sidecar
 
         here = Path(self.path)
-        kind = "classifier" if self.role == "classifier" else "segmenter"
         problem = f"no {self.role} bundle there"
         if (here / SIDECAR).is_file():
             try:
-                found = read_sidecar(here, kind=kind)["files"][MODEL_FILE]
+                found = read_sidecar(here, kind=self.role)["files"][MODEL_FILE]
             except BundleError as err:
                 found, problem = None, str(err)
             if found == self.sha256:
@@ -154,14 +153,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, input_config, max_pixels: int)
     """Ray task: read and prepare each file of a batch for the classifier. Adds "reason" (empty when
     the file decoded) and "decoded" (pickled (x, decoded array, geometry); empty when it failed)."""
     from data.io import ImageReadError, read_image
-    from data.preprocess import preprocess_image
 
     reasons, decoded = [], []
     for path in batch["path"]:
         try:
             image = read_image(path, max_pixels=max_pixels)
-            x, geometry = preprocess_image(image, size=input_config.image_size, mode=input_config.resize_mode,
-                                           clahe=input_config.clahe)
+            x, geometry = input_config.preprocess(image)
         except ImageReadError as err:
             reasons.append(err.reason)
             decoded.append(b"")

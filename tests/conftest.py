@@ -132,9 +132,14 @@ def models_loaded_once(loaded_bundles, monkeypatch):
     (the segmenter doubles as the lung model when one is asked for). Bundle checks have their own tests."""
     from pipeline import api
 
-    clf, seg = loaded_bundles
-    monkeypatch.setattr(api, "load_models", lambda classifier, segmenter, lung_model=None, **kwargs:
-                        api.Models(clf, seg, seg if lung_model else None))
+    monkeypatch.setattr(api, "load_models", _hand_out(*loaded_bundles))
+
+
+def _hand_out(clf, seg):
+    """A stand-in for `pipeline.api.load_models` that returns bundles already loaded."""
+    from pipeline import api
+
+    return lambda classifier, segmenter, lung_model=None, **kwargs: api.Models(clf, seg, seg if lung_model else None)
 
 
 @pytest.fixture(scope="session")
@@ -169,11 +174,9 @@ def mixed_run(mixed_folder, loaded_bundles, light_bundle, seg_model, tmp_path_fa
     from pipeline import api
     from pipeline.cli import main
 
-    clf, seg = loaded_bundles
     out = tmp_path_factory.mktemp("mixed-run") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(api, "load_models", lambda classifier, segmenter, lung_model=None, **kwargs:
-                      api.Models(clf, seg, seg if lung_model else None))
+        patch.setattr(api, "load_models", _hand_out(*loaded_bundles))
         code = main(["run", str(mixed_folder[0]), "--classifier", str(light_bundle), "--segmenter", str(seg_model),
                      "--lung-model", str(seg_model), "--out", str(out), "--batch-size", "4"])
     return code, out

@@ -37,6 +37,10 @@ class InputConfig:
                    resize_mode=str(meta.get("resize_mode", spec.DEFAULT_RESIZE_MODE)),
                    clahe=bool(meta.get("clahe", False)))
 
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """A decoded image → (the model's (S, S, 3) float32 input, its Geometry)."""
+        return preprocess_image(image, size=self.image_size, mode=self.resize_mode, clahe=self.clahe)
+
     def check_batch(self, batch: np.ndarray) -> np.ndarray:
         """``batch`` as float32, or ValueError when it is not (N, S, S, 3)."""
         x = np.asarray(batch, dtype=np.float32)
@@ -81,8 +85,7 @@ class LoadedBundle(EngineChoice):
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """A decoded image → (this model's (S, S, 3) float32 input, its Geometry)."""
-        return preprocess_image(image, size=self.input.image_size, mode=self.input.resize_mode,
-                                clahe=self.input.clahe)
+        return self.input.preprocess(image)
 
     def prepare(self, image: np.ndarray, *, keep_original: bool = True) -> Prepared:
         """A decoded image → data.stream.Prepared for this model."""
