@@ -48,17 +48,19 @@ class ImageAnalysis:
                 "refer_reason": self.refer_reason, **self.stage2_fields()}
 
     def stage2_fields(self) -> dict[str, Any]:
-        """segmented, lesion_count, lesion_area_px, lung_affected_pct and lesions (box, area, score)."""
+        """segmented, lesion_count, lesion_area_px, lesion_area_by_type, lung_affected_pct and lesions
+        (type, box, area, score, share of lung)."""
         if self.seg is None:
-            return {"segmented": False, "lesion_count": 0, "lesion_area_px": 0, "lung_affected_pct": None,
-                    "lesions": []}
+            return {"segmented": False, "lesion_count": 0, "lesion_area_px": 0, "lesion_area_by_type": {},
+                    "lung_affected_pct": None, "lesions": []}
         res = self.seg
         return {
             "segmented": True,
             "lesion_count": len(res.lesions),
             "lesion_area_px": int(sum(les.area_px for les in res.lesions)),
+            "lesion_area_by_type": res.area_by_type,
             "lung_affected_pct": None if res.lung_affected_pct is None else round(res.lung_affected_pct, 3),
-            "lesions": [{"box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
+            "lesions": [{"type": les.type, "box": list(les.box), "area_px": les.area_px, "score": round(les.score, 4),
                          "lung_pct": None if les.lung_pct is None else round(les.lung_pct, 3)} for les in res.lesions],
         }
 
@@ -103,11 +105,11 @@ def _segment(flagged: list[int], originals, segmenter, lung_model) -> dict[int, 
     if not flagged:
         return {}
     xs, geos = zip(*[segmenter.preprocess(originals[j]) for j in flagged])
-    probs = segmenter.predict(np.stack(xs))
+    maps = segmenter.predict_maps(np.stack(xs))
     lungs = None
     if lung_model is not None:
         lx, lgeos = zip(*[lung_model.preprocess(originals[j]) for j in flagged])
         lungs = [lung_model.to_original(p, g) for g, p in zip(lgeos, lung_model.predict(np.stack(lx)))]
-    return {j: segment_image(segmenter.to_original(probs[k], geos[k]), segmenter,
+    return {j: segment_image(segmenter.maps_to_original(maps[k], geos[k]), segmenter,
                              lungs[k] if lungs is not None else None)
             for k, j in enumerate(flagged)}

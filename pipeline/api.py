@@ -26,15 +26,20 @@ from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
 from pipeline.outputs import describe_os_error
 from pipeline.ray_run import RayOptions
 from pipeline.report import ci_text, metrics_table
+from segmenter.schemes import ARCHS as SEGMENTER_ARCHS
+from segmenter.schemes import CLASS_SCHEMES as SEGMENTER_CLASS_SCHEMES
+from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
 
 # Besides the functions, what the command line reads: argument choices and defaults, and the text
 # helpers it prints with.
 __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS",
-           "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SEGMENTATION_SCORES", "RayOptions",
+           "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SEGMENTATION_SCORES", "SEGMENTER_ARCHS",
+           "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions",
            "ServeSettings", "ci_text", "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models",
            "SplitResult", "check_data", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
-           "gather_folders", "gather_records", "gradcam", "import_masks", "load_models", "predict", "progress_bar",
-           "reproduce", "run_folder", "segment", "serve", "split_data", "train_classifier", "train_segmenter"]
+           "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks", "load_models", "predict",
+           "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "split_data", "train_classifier",
+           "train_segmenter"]
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 
@@ -231,10 +236,14 @@ def evaluate_segmenter(model_dir: PathLike, images: PathLike, out: PathLike, *, 
                        manifest: PathLike | None = None, splits: PathLike | None = None, split: str = "test",
                        n_boot: int = 1000, engine: str = "keras", include_training: bool = False,
                        progress=None) -> dict[str, Any]:
-    """`cxr evaluate-segmenter`: Dice, IoU, precision, recall with CIs, HD95, per-image CSV, gallery."""
+    """`cxr evaluate-segmenter`: Dice, IoU, precision, recall with CIs, HD95, per-image CSV, gallery; per
+    class for a model with several (lesion types, lung)."""
     from pipeline.segmenter_jobs import evaluate_segmenter_job
 
-    records = gather_records(images, manifest=manifest, masks=masks, mask_kinds=[kind])
+    # every kind is paired (a model with several classes scores each); the asked one must be there
+    records = gather_records(images, manifest=manifest, masks=masks)
+    if not (Path(masks) / kind).is_dir():
+        pair_masks([], masks, [kind])  # DatasetError naming the kinds that are there
     return evaluate_segmenter_job(model_dir, records, out, kind=kind, splits=splits, split=split, n_boot=n_boot,
                                   engine=engine, include_training=include_training, progress=progress)
 
@@ -283,6 +292,30 @@ def run_folder(image_dir: PathLike, out: PathLike, models: Models, *, segment_al
     return run_pipeline(image_dir, out, classifier=models.classifier, segmenter=models.segmenter,
                         lung_model=models.lung_model, segment_all=segment_all, batch_size=batch_size,
                         progress=progress, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, names=names, ray=ray)
+
+
+def run_ct(image_dir: PathLike, out: PathLike, segmenter: PathLike, *, lung_model: PathLike | None = None,
+           batch_size: int = 8, engine: str = "keras", progress=None):
+    """`cxr run --modality ct`: the segmenter slice by slice on NIfTI volumes, DICOM series and CT slice
+    images, a lesion and lung NIfTI per volume aligned with its input (pipeline.ct_run)."""
+    from pipeline.ct_run import check_ct_segmenter
+    from pipeline.ct_run import run_ct as _run_ct
+    from segmenter.model import load_segmenter
+
+    seg = load_segmenter(segmenter)
+    check_ct_segmenter(seg)  # before any volume is read
+    lung = load_segmenter(lung_model) if lung_model else None
+    for model in (seg, lung):
+        if model is not None:
+            model.use_engine(engine)
+    return _run_ct(image_dir, out, segmenter=seg, lung_model=lung, batch_size=batch_size, progress=progress)
+
+
+def detect_modality(image_dir: PathLike) -> str:
+    """"ct" for a folder with NIfTI volumes or CT DICOM files, else "xray" (data.volume.detect_modality)."""
+    from data.volume import detect_modality as _detect
+
+    return _detect(image_dir)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from data.errors import CxrError
+from data.errors import CxrError, UsageError
 from pipeline import __version__, api
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -159,7 +159,7 @@ def _distribute_args(p: argparse.ArgumentParser) -> None:
 def _cmd_train_segmenter(args: argparse.Namespace) -> int:
     overrides = {"arch": args.arch, "kind": args.kind, "image_size": args.image_size, "epochs": args.epochs,
                  "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed, "classes": args.classes,
-                 **_distribute_overrides(args)}
+                 "modality": args.modality, **_distribute_overrides(args)}
     res = api.train_segmenter(args.images, args.out, masks=args.masks, manifest=args.manifest, config=args.config,
                               overrides=overrides, splits=args.splits, allow_leaks=args.allow_leaks,
                               progress=_progress("hashing"))
@@ -177,6 +177,8 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
     _print_scope(m["evaluated"])
     for k in api.SEGMENTATION_SCORES:
         print(f"{k:<9} {api.ci_text(m[k])}")
+    for c, cm in m.get("per_class", {}).items():
+        print(f"{c}: dice {api.ci_text(cm['dice'])}, iou {api.ci_text(cm['iou'])} (n {cm['n']})")
     if m["hd95"]["value"] is not None:
         print(f"hd95      {m['hd95']['value']:.1f} px (n {m['hd95']['n']})")
     print(f"n = {m['n']}; wrote {Path(args.out) / 'metrics.json'} and gallery.png")
@@ -186,12 +188,13 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     rows, failures = api.segment(args.model, args.files, lung_model=args.lung_model)
     for path, res in rows:
-        pct = f"{res.lung_affected_pct:.1f} %" if res.lung_affected_pct is not None else "n/a (no --lung-model)"
-        print(f"{path}: {len(res.lesions)} lesion(s), lung affected {pct}")
+        pct = f"{res.lung_affected_pct:.1f} %" if res.lung_affected_pct is not None else "n/a (no lung field)"
+        by_type = ", ".join(f"{t} {a} px" for t, a in res.area_by_type.items())
+        print(f"{path}: {len(res.lesions)} lesion(s) ({by_type}), lung affected {pct}")
         for les in res.lesions:
             share = f", {les.lung_pct:.1f} % of lung" if les.lung_pct is not None else ""
             x, y, w, h = les.box
-            print(f"  box x={x} y={y} w={w} h={h}, {les.area_px} px{share}, score {les.score:.2f}")
+            print(f"  {les.type}: box x={x} y={y} w={w} h={h}, {les.area_px} px{share}, score {les.score:.2f}")
     for path, reason in failures:
         print(f"cxr: {path}: {reason}", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
@@ -203,11 +206,30 @@ def _load_models(args: argparse.Namespace) -> api.Models:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    modality = api.detect_modality(args.dir) if args.modality == "auto" else args.modality
+    if modality == "ct":
+        return _run_ct(args)
+    if args.classifier is None:
+        raise UsageError("--classifier is needed for X-rays (only --modality ct runs the segmenter alone)")
     res = api.run_folder(args.dir, args.out, _load_models(args), segment_all=args.segment_all,
                          batch_size=args.batch_size, max_pixels=args.max_pixels, pseudonymize=args.pseudonymize,
                          pseudonym_map=args.pseudonym_map, ray=_ray_options(args), progress=_progress("run"))
     print(f"{res.n_done} image(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
     print(f"report: {res.report}")
+    return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
+
+
+def _run_ct(args: argparse.Namespace) -> int:
+    ignored = [flag for flag, on in (("--ray", args.ray is not None), ("--pseudonymize", args.pseudonymize),
+                                     ("--segment-all", args.segment_all)) if on]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)}: not available with CT input (--modality ct)")
+    if args.classifier is not None:
+        print("CT input: stage 1 (an X-ray classifier) is skipped; the segmenter runs slice by slice")
+    res = api.run_ct(args.dir, args.out, args.segmenter, lung_model=args.lung_model, batch_size=args.batch_size,
+                     engine=args.engine, progress=_progress("volumes"))
+    print(f"{res.n_done} CT input(s) processed, {res.n_skipped} already done earlier, {res.n_failed} failed")
+    print(f"results: {Path(res.out) / 'ct_results.csv'}")
     return EXIT_SOME_FAILED if res.n_failed else EXIT_OK
 
 
@@ -414,14 +436,18 @@ def _add_segmenter_commands(sub) -> None:
     ts.add_argument("--masks", required=True, type=_existing_dir, help="MASKDIR with <kind>/<image name>.png")
     ts.add_argument("--kind", required=True, help="mask kind to learn: infection, opacity, lung, ...")
     ts.add_argument("--out", required=True)
-    ts.add_argument("--arch", choices=("unet-densenet121", "fc-densenet103"))
-    ts.add_argument("--classes", choices=("binary", "lung-lesion"),
-                    help="binary lesion head (default) or background/lung/lesion softmax (needs lung masks too)")
+    ts.add_argument("--arch", choices=api.SEGMENTER_ARCHS)
+    ts.add_argument("--classes", choices=api.SEGMENTER_CLASS_SCHEMES,
+                    help="binary lesion head (default); lung-lesion: background/lung/lesion softmax (lung masks "
+                         "too); lesion-types: background/ggo/consolidation (ggo and consolidation masks); "
+                         "lung-lesion-types: background/lung/ggo/consolidation")
     ts.add_argument("--config", type=_existing_file, help="TOML with SegmenterSettings keys (flags override it)")
     ts.add_argument("--image-size", type=_positive_int)
     ts.add_argument("--epochs", type=_positive_int)
     ts.add_argument("--batch-size", type=_positive_int)
-    ts.add_argument("--weights", help="encoder init for the U-Net: imagenet | none | DenseNet121 no-top .h5")
+    ts.add_argument("--weights", help="encoder init for a U-Net: imagenet | none | the encoder's no-top .h5")
+    ts.add_argument("--modality", choices=api.SEGMENTER_MODALITIES,
+                    help="ct: the images are CT slices in the lung window (cxr run --modality ct uses the model)")
     ts.add_argument("--splits", type=_existing_file)
     ts.add_argument("--seed", type=int)
     ts.add_argument("--allow-leaks", action="store_true")
@@ -453,8 +479,11 @@ def _add_segmenter_commands(sub) -> None:
 def _add_pipeline_commands(sub) -> None:
     """run, serve, export, demo, reproduce."""
     rn = sub.add_parser("run", help="full pipeline on a folder: CSV/JSON results, overlays, masks, report.html")
-    rn.add_argument("dir", type=_existing_dir, help="folder of X-rays (searched recursively)")
-    rn.add_argument("--classifier", required=True, type=_existing_dir)
+    rn.add_argument("dir", type=_existing_dir, help="folder of X-rays, or of CT volumes (searched recursively)")
+    rn.add_argument("--classifier", type=_existing_dir, help="stage-1 bundle (needed for X-rays)")
+    rn.add_argument("--modality", choices=("auto", "xray", "ct"), default="auto",
+                    help="ct: NIfTI volumes, DICOM series and CT slice images through the segmenter slice by slice "
+                         "(auto: ct when DIR holds NIfTI files or CT DICOM files)")
     rn.add_argument("--segmenter", required=True, type=_existing_dir)
     rn.add_argument("--lung-model", type=_existing_dir, help="lung-field segmenter for the share of lung affected")
     rn.add_argument("--out", required=True)

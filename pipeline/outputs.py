@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import socket
@@ -22,9 +24,10 @@ import sys
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from data.datasets import OUTPUT_MARKER, DatasetError
+from data.files import write_text_atomic
 
 LOCK_FILE = ".cxr.lock"
 #: bytes a file name may take (ext4, XFS, APFS, NTFS: 255), less the temporary suffix of atomic writes
@@ -129,3 +132,22 @@ def _lock(handle, out: Path) -> None:
         except json.JSONDecodeError:
             who = "another cxr job"
         raise DatasetError(f"{out}: {who} is writing here; wait for it to end or use another --out") from None
+
+
+def write_rows_csv(path: Path, columns: tuple[str, ...], rows: Iterable[dict[str, Any]], *,
+                   sort_by: str | None = "file") -> None:
+    """A CSV of ``columns`` (atomically), rows sorted by ``sort_by`` (None: as given); None is an empty
+    cell and a mapping "a=1;b=2" (areas by lesion type)."""
+    def cell(value: Any) -> Any:
+        if value is None:
+            return ""
+        if isinstance(value, dict):
+            return ";".join(f"{k}={v}" for k, v in value.items())
+        return value
+
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in (sorted(rows, key=lambda r: r[sort_by]) if sort_by else rows):
+        w.writerow({k: cell(r.get(k)) for k in columns})
+    write_text_atomic(path, text.getvalue())

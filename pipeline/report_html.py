@@ -103,8 +103,11 @@ def _row(out: Path, r: dict[str, Any], *, reason: bool = False) -> str:
     )
     shown = r.get("lesions", [])[:REPORT_LESIONS]
     more = r.get("lesion_count", len(shown)) - len(shown)
-    lesions = "".join(
-        f"<li>box {les['box']}, {les['area_px']} px, score {les['score']:.2f}</li>" for les in shown
+    by_type = r.get("lesion_area_by_type") or {}
+    lesions = (f"<li>{html.escape(', '.join(f'{t} {a} px' for t, a in by_type.items()))}</li>"
+               if len(by_type) > 1 else "") + "".join(
+        f"<li>{html.escape(les.get('type', 'lesion'))}: box {les['box']}, {les['area_px']} px, "
+        f"score {les['score']:.2f}</li>" for les in shown
     ) + (f"<li>… and {more} smaller (results.jsonl)</li>" if more > 0 else "")
     pct = r.get("lung_affected_pct")
     why = f"<td>{html.escape(r.get('refer_reason') or '')}</td>" if reason else ""

@@ -18,9 +18,7 @@ refuses) gets a failure row and the run goes on; the next run retries it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +35,7 @@ from data.files import encode_png, write_bytes_atomic, write_text_atomic
 from gradcam.export import Instance, encode_coco_rle, write_coco_instances
 from pipeline.analysis import ImageAnalysis, analyse_batch, result_images
 from pipeline.common import ImageTicks
-from pipeline.outputs import claim_output, describe_os_error, output_name
+from pipeline.outputs import claim_output, describe_os_error, output_name, write_rows_csv
 from pipeline.privacy import InputNames
 from pipeline.report_html import REPORT_LESIONS, write_report
 
@@ -45,7 +43,7 @@ if TYPE_CHECKING:
     from pipeline.ray_run import RayOptions
 
 RESULT_COLUMNS = ("file", "label", *(f"p_{c}" for c in spec.CLASS_NAMES), "confidence", "refer", "refer_reason",
-                  "segmented", "lesion_count", "lesion_area_px", "lung_affected_pct")
+                  "segmented", "lesion_count", "lesion_area_px", "lesion_area_by_type", "lung_affected_pct")
 
 
 @dataclass
@@ -175,10 +173,10 @@ def run_pipeline(
             n_done, n_skipped = job.run(paths, batch_size=batch_size, progress=progress, max_pixels=max_pixels,
                                          ray=ray)
             rows, fails = job.final_logs()
-            _write_csv(out / "results.csv", RESULT_COLUMNS, rows)
-            _write_csv(out / "failures.csv", ("file", "reason"), fails)
+            write_rows_csv(out / "results.csv", RESULT_COLUMNS, rows)
+            write_rows_csv(out / "failures.csv", ("file", "reason"), fails)
             report = write_report(out, rows, fails, identity, model_note)
-            write_lesions_coco(out, segmenter.kind)
+            write_lesions_coco(out, segmenter.lesion_types)
             names.save()
         except OSError as err:
             raise DatasetError(f"run stopped: {describe_os_error(err)}") from None
@@ -341,22 +339,15 @@ def _fingerprint(path: Path) -> str | None:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def write_lesions_coco(out: Path, category: str) -> Path:
-    """``lesions_coco.json``: every analysed image with its lesion instances (COCO RLE), from results.jsonl."""
+def write_lesions_coco(out: Path, categories: tuple[str, ...]) -> Path:
+    """``lesions_coco.json``: every analysed image with its lesion instances (COCO RLE), from results.jsonl;
+    one category per lesion type of the segmenter (its kind for a one-lesion model)."""
 
     def entry(record: dict[str, Any]) -> tuple[str, int, int, list[Instance]]:
-        lesions = [Instance(category, les["rle"], tuple(les["box"]), les["area_px"], les["score"])
+        lesions = [Instance(les.get("type", categories[0]), les["rle"], tuple(les["box"]), les["area_px"],
+                            les["score"])
                    for les in record.get("lesions", []) if "rle" in les]
         return record["file"], record.get("width", 0), record.get("height", 0), lesions
 
-    return write_coco_instances(_read_log(out / "results.jsonl", entry), out / "lesions_coco.json", [category],
+    return write_coco_instances(_read_log(out / "results.jsonl", entry), out / "lesions_coco.json", list(categories),
                                 description="cxr stage-2 lesion instances", source="cxr run")
-
-
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
-    w.writeheader()
-    for r in sorted(rows, key=lambda r: r["file"]):
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    write_text_atomic(path, text.getvalue())

@@ -43,11 +43,12 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     from data.runtime.weights import resolve_weights_file
     from segmenter.settings import SegmenterSettings, with_preset
     from segmenter.train import train_segmenter
-    from segmenter.unet import ENCODER_FILE
+    from segmenter.unet import ENCODERS
 
     settings = load_settings(SegmenterSettings, with_preset, config, overrides)
-    # local weight files are checked before any image is read
-    resolve_weights_file(settings.weights, imagenet_file=ENCODER_FILE, what="densenet121")
+    if settings.encoder is not None:  # local weight files are checked before any image is read
+        resolve_weights_file(settings.weights, imagenet_file=ENCODERS[settings.encoder].weights_file,
+                             what=settings.encoder)
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
@@ -80,12 +81,13 @@ def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
 
 def probability_maps(segmenter, paths: Sequence[Path], *, batch_size: int = 4, progress=None,
                      failures: FailureLog | None = None):
-    """Yield (index, path, probability map at the file's original size, original image) per readable file."""
+    """Yield (index, path, segmenter.model.SegmenterMaps at the file's original size, original image)
+    per readable file."""
     batches = segmenter.stream(paths, batch_size=batch_size, failures=failures, keep_original=True)
     for batch in (progress(batches) if progress else batches):
-        probs = segmenter.predict(batch.x)
-        for i, path, geo, prob, orig in zip(batch.indices, batch.paths, batch.geometries, probs, batch.originals):
-            yield i, path, segmenter.to_original(prob, geo), orig
+        maps = segmenter.predict_maps(batch.x)
+        for i, path, geo, m, orig in zip(batch.indices, batch.paths, batch.geometries, maps, batch.originals):
+            yield i, path, segmenter.maps_to_original(m, geo), orig
 
 
 def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: str | None = None, splits=None,
@@ -99,7 +101,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     """
     from data.masks import confusion, segmentation_scores
     from segmenter.metrics import hausdorff95
-    from segmenter.model import load_segmenter
+    from segmenter.model import class_masks, load_segmenter
 
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
@@ -116,23 +118,26 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     failures = FailureLog()
     rows, tp_fp_fn, hd = [], np.zeros(3, np.int64), []
     examples = []
-    for i, _, prob, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
-        try:
-            truth = read_mask(records[i].masks[kind])
-        except ImageReadError as err:
-            failures.add(err.path, f"mask: {err.reason}")
-            continue
-        if truth.shape != prob.shape:
-            failures.add(str(records[i].masks[kind]),
-                         f"mask size {truth.shape[::-1]} differs from image {prob.shape[::-1]}")
+    classes = seg.class_kinds if len(seg.channels) > 2 else {}  # several classes: each scored on its own
+    per_class: dict[str, list[tuple[dict[str, float], str]]] = {c: [] for c in classes}
+    for i, _, maps, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
+        prob = maps.lesion
+        truth = _read_truth(records[i].masks[kind], prob.shape, failures)
+        if truth is None:
             continue
         pred = prob >= seg.threshold
+        patient = patient_ids([records[i]])[0]
+        predicted = class_masks(maps, seg) if classes else {}
+        for c, ckind in classes.items():
+            ctruth = _read_truth(records[i].masks[ckind], prob.shape, failures) if ckind in records[i].masks else None
+            if ctruth is not None:
+                per_class[c].append((segmentation_scores(ctruth, predicted[c]), patient))
         scores = segmentation_scores(truth, pred)
         tp_fp_fn += confusion(truth, pred)
         h = hausdorff95(truth, pred)
         if h is not None:
             hd.append(h)
-        rows.append({"file": records[i].key, **scores, "hd95": h, "_patient": patient_ids([records[i]])[0]})
+        rows.append({"file": records[i].key, **scores, "hd95": h, "_patient": patient})
         if len(examples) < gallery:
             examples.append((records[i].key, orig, truth, pred))
     if not rows:
@@ -142,6 +147,12 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot,
                                           groups=patients) for k in SEGMENTATION_SCORES}
     metrics["evaluated"] = {**scope, "bootstrap": "percentile, resampling patients"}
+    if classes:
+        metrics["per_class"] = {
+            c: {"mask_kind": classes[c], "n": len(found),
+                **{k: mean_ci([sc[k] for sc, _ in found], n_boot=n_boot, groups=[g for _, g in found])
+                   for k in ("dice", "iou")}}
+            for c, found in per_class.items()}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
@@ -160,6 +171,19 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     return metrics
 
 
+def _read_truth(path: Path, shape: tuple[int, ...], failures: FailureLog) -> np.ndarray | None:
+    """A ground-truth mask of the image's size, or None with the reason recorded in ``failures``."""
+    try:
+        truth = read_mask(path)
+    except ImageReadError as err:
+        failures.add(err.path, f"mask: {err.reason}")
+        return None
+    if truth.shape != shape:
+        failures.add(str(path), f"mask size {truth.shape[::-1]} differs from image {shape[::-1]}")
+        return None
+    return truth
+
+
 def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_model=None):
     """(rows of (file, SegmentedImage), failures) for each file, with the lung model when given."""
     from segmenter.model import load_segmenter, segment_image
@@ -170,8 +194,8 @@ def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_mo
     failures = FailureLog()
     lung_maps = {}
     if lung_seg is not None:
-        lung_maps = {i: p for i, _, p, _ in probability_maps(lung_seg, paths, failures=FailureLog())}
-    rows = [(paths[i], segment_image(prob, seg, lung_maps.get(i)))
-            for i, _, prob, _ in probability_maps(seg, paths, failures=failures)]
+        lung_maps = {i: m.lesion for i, _, m, _ in probability_maps(lung_seg, paths, failures=FailureLog())}
+    rows = [(paths[i], segment_image(maps, seg, lung_maps.get(i)))
+            for i, _, maps, _ in probability_maps(seg, paths, failures=failures)]
     return rows, failures.items
 

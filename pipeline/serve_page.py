@@ -40,7 +40,8 @@ UPLOAD_PAGE = """<!doctype html>
       <img id="maskimg" alt="lesion mask overlay"><figcaption>Lesion mask</figcaption></figure>
   </div>
   <table id="lesions" hidden>
-    <thead><tr><th>#</th><th>box (x, y, w, h)</th><th>area (px)</th><th>% of lung</th><th>score</th></tr></thead>
+    <thead><tr><th>#</th><th>type</th><th>box (x, y, w, h)</th><th>area (px)</th><th>% of lung</th>
+      <th>score</th></tr></thead>
     <tbody></tbody>
   </table>
 </section>
@@ -93,12 +94,14 @@ function show(r) {
   $("maskfig").hidden = !r.urls.mask_overlay;
   if (r.urls.mask_overlay) $("maskimg").src = r.urls.mask_overlay;
   const pct = r.lung_affected_pct === null ? "" : `, ${r.lung_affected_pct.toFixed(1)} % of the lung affected`;
-  text($("stage2"), r.segmented ? `${r.lesion_count} lesion(s), ${r.lesion_area_px} px${pct}`
+  const types = Object.entries(r.lesion_area_by_type);
+  const byType = types.length > 1 ? ` (${types.map(([t, a]) => `${t} ${a} px`).join(", ")})` : "";
+  text($("stage2"), r.segmented ? `${r.lesion_count} lesion(s), ${r.lesion_area_px} px${byType}${pct}`
                                 : "Not segmented (stage 2 runs on pneumonia and COVID only).");
   const tbody = $("lesions").querySelector("tbody"); tbody.replaceChildren();
   r.lesions.forEach((les, i) => {
     const row = tbody.insertRow();
-    cell(row, i + 1); cell(row, les.box.join(", ")); cell(row, les.area_px);
+    cell(row, i + 1); cell(row, les.type); cell(row, les.box.join(", ")); cell(row, les.area_px);
     cell(row, les.lung_pct === null ? "–" : les.lung_pct.toFixed(1)); cell(row, les.score.toFixed(3));
   });
   $("lesions").hidden = r.lesions.length === 0;

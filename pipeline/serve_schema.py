@@ -6,9 +6,11 @@ from pydantic import BaseModel, Field
 
 
 class Lesion(BaseModel):
+    type: str = Field(description="the segmenter's lesion kind (e.g. infection), or ggo / consolidation for a "
+                      "lesion-type model")
     box: list[int] = Field(description="x, y, width, height in pixels of the uploaded image (COCO order)")
     area_px: int
-    score: float = Field(description="mean lesion probability inside the component")
+    score: float = Field(description="mean probability of the lesion's type inside the component")
     lung_pct: float | None = Field(description="lesion area as % of the lung field, when a lung model is loaded")
 
 
@@ -28,6 +30,7 @@ class Prediction(BaseModel):
     segmented: bool = Field(description="stage 2 ran (label pneumonia or covid)")
     lesion_count: int
     lesion_area_px: int
+    lesion_area_by_type: dict[str, int] = Field(description="lesion pixels per lesion type of the segmenter")
     lung_affected_pct: float | None
     lesions: list[Lesion]
     width: int

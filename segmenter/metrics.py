@@ -5,6 +5,7 @@ empty-mask convention live in data.masks (Grad-CAM's draft masks use them too).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -33,36 +34,60 @@ def hausdorff95(truth: np.ndarray, pred: np.ndarray) -> float | None:
 
 @dataclass(frozen=True)
 class Lesion:
-    """One connected lesion: COCO-order box, pixel area, share of the lung field, mean probability."""
+    """One connected lesion of one type: COCO-order box, pixel area, share of the lung field, mean
+    probability of its type."""
 
     box: tuple[int, int, int, int]  # x, y, width, height
     area_px: int
     lung_pct: float | None  # its pixels inside the lung field, as % of the lung field
     score: float
+    type: str = "lesion"  # the lesion kind ("infection", ...) or type ("ggo", "consolidation")
 
 
 def lesion_instances(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA,
-                     lung: np.ndarray | None = None) -> tuple[np.ndarray, list[Lesion]]:
+                     lung: np.ndarray | None = None, kind: str = "lesion",
+                     types: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[Lesion]]:
     """Threshold a probability map and drop components under ``min_area`` px: (instance map (H, W)
     uint16, 0 background and k for the k-th lesion, the lesions largest first).
 
+    ``types`` (type name → (H, W) probability, for a model with several lesion types): each pixel of
+    the thresholded mask goes to its most probable type, and a lesion is a connected component of one
+    type's pixels, scored by that type's mean probability. Without it every lesion is of ``kind``.
     A lesion's ``lung_pct`` counts its pixels inside the lung field, so the lesions' shares add up
     to :func:`lung_affected_pct` of the same mask.
     """
     p = np.asarray(prob, np.float32)
-    labels, found = components(p >= threshold, min_area=min_area)
+    mask = p >= threshold
+    if types is None or len(types) < 2:
+        parts = [(kind, mask, p)]
+    else:
+        names = list(types)
+        best = np.argmax(np.stack([np.asarray(types[n], np.float32) for n in names]), axis=0)
+        parts = [(n, mask & (best == i), np.asarray(types[n], np.float32)) for i, n in enumerate(names)]
     lung_mask = np.asarray(lung, bool) if lung is not None else None
     lung_area = int(lung_mask.sum()) if lung_mask is not None else 0
+    found = []  # (area, order, lesion, box slices, pixels)
+    for name, part, score_map in parts:
+        labels, comps = components(part, min_area=min_area)
+        for c in comps:
+            x, y, w, h = c.box
+            box = (slice(y, y + h), slice(x, x + w))  # each lesion's work stays inside its box
+            pixels = labels[box] == c.label
+            pct = 100.0 * float((pixels & lung_mask[box]).sum()) / lung_area if lung_area else None
+            found.append((Lesion(c.box, c.area, pct, float(score_map[box][pixels].mean()), name), box, pixels))
+    found.sort(key=lambda f: -f[0].area_px)  # stable: ties keep type order, then component order
     instances = np.zeros(p.shape, np.uint16)
-    out = []
-    for k, c in enumerate(found, start=1):
-        x, y, w, h = c.box
-        box = (slice(y, y + h), slice(x, x + w))  # each lesion's work stays inside its box
-        pixels = labels[box] == c.label
+    for k, (_, box, pixels) in enumerate(found, start=1):
         instances[box][pixels] = k
-        pct = 100.0 * float((pixels & lung_mask[box]).sum()) / lung_area if lung_area else None
-        out.append(Lesion(c.box, c.area, pct, float(p[box][pixels].mean())))
-    return instances, out
+    return instances, [f[0] for f in found]
+
+
+def area_by_type(lesions: Sequence[Lesion], types: Sequence[str]) -> dict[str, int]:
+    """Lesion pixels per type, every type of ``types`` listed (0 where none was found)."""
+    out = {t: 0 for t in types}
+    for les in lesions:
+        out[les.type] = out.get(les.type, 0) + les.area_px
+    return out
 
 
 def lesions(prob: np.ndarray, *, threshold: float = 0.5, min_area: int = spec.DEFAULT_MIN_LESION_AREA,

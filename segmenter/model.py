@@ -14,7 +14,8 @@ from data import spec
 from data.runtime.bundle import SIDECAR, BundleError, load_bundle
 from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
-from segmenter.metrics import Lesion, lesion_instances, lung_affected_pct
+from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
+from segmenter.schemes import channel_names
 
 KIND = "segmenter"
 
@@ -39,16 +40,69 @@ class Segmenter(LoadedBundle):
     def classes(self) -> str:
         return self.meta.get("classes", "binary")
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) float32 in [0, 255] → (N, S, S) float32 lesion (foreground) probabilities.
+    @property
+    def modality(self) -> str:
+        """The images it was trained on: "xray" or "ct" (bundles from before CT are X-ray models)."""
+        return self.meta.get("modality", "xray")
 
-        For a "lung-lesion" model this is the lesion channel of its softmax.
-        """
+    @property
+    def ct_window(self) -> tuple[float, float] | None:
+        """(centre, width) HU in which a CT model saw its slices; None for an X-ray model."""
+        window = self.meta.get("ct_window")
+        return (float(window[0]), float(window[1])) if window else None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The output channels by name (segmenter.settings.channel_names; bundles from before
+        lesion types carry no list and get their scheme's)."""
+        return tuple(self.meta.get("channels") or channel_names(self.classes, self.kind))
+
+    @property
+    def lesion_types(self) -> tuple[str, ...]:
+        """The lesion channels: (kind,) for a one-lesion model, ("ggo", "consolidation") for lesion types."""
+        return tuple(c for c in self.channels if c not in ("background", "lung"))
+
+    @property
+    def has_lung(self) -> bool:
+        """The model segments the lung field itself (a "lung-lesion*" scheme)."""
+        return "lung" in self.channels
+
+    @property
+    def class_kinds(self) -> dict[str, str]:
+        """Each scored class (lesion types, then "lung" when the model has it) → the mask kind it was
+        trained on (evaluation reads the same kind)."""
+        out = {t: t for t in self.lesion_types}
+        if self.has_lung:
+            out["lung"] = self.sidecar.get("config", {}).get("lung_kind", "lung")
+        return out
+
+    def predict_maps(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) float32 in [0, 255] → (N, S, S, C) float32, one probability map per
+        :attr:`channels` entry (a softmax over them when C > 1)."""
         out = self.forward(batch)
         if isinstance(out, dict):  # ONNX Runtime names its one output
             out = next(iter(out.values()))
-        channel = 0 if self.classes == "binary" else 2
-        return out[..., channel].astype(np.float32)
+        return np.asarray(out, np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) float32 in [0, 255] → (N, S, S) float32 lesion (foreground) probabilities:
+        for a softmax model the sum of its lesion channels (any lesion type)."""
+        return self.lesion_probability(self.predict_maps(batch))
+
+    def lesion_probability(self, maps: np.ndarray) -> np.ndarray:
+        """(..., C) maps of :meth:`predict_maps` → (...) probability of any lesion."""
+        idx = [self.channels.index(t) for t in self.lesion_types]
+        return maps[..., idx[0]] if len(idx) == 1 else maps[..., idx].sum(axis=-1)
+
+    def maps_to_original(self, maps: np.ndarray, geometry) -> SegmenterMaps:
+        """One image's (S, S, C) maps of :meth:`predict_maps` → :class:`SegmenterMaps` at its original size."""
+        types = None
+        if len(self.lesion_types) > 1:
+            types = {t: self.to_original(maps[..., self.channels.index(t)], geometry) for t in self.lesion_types}
+        lung = None
+        if self.has_lung:  # the lung field is every pixel not background (lesions lie in the lung)
+            lung = self.to_original(1.0 - maps[..., self.channels.index("background")], geometry)
+        return SegmenterMaps(self.to_original(self.lesion_probability(maps), geometry), types, lung)
 
 
 def load_segmenter(directory: str | os.PathLike[str]) -> Segmenter:
@@ -61,22 +115,61 @@ def load_segmenter(directory: str | os.PathLike[str]) -> Segmenter:
 
 
 @dataclass
+class SegmenterMaps:
+    """A segmenter's probabilities for one image at its original size, float32 (H, W) in [0, 1]."""
+
+    lesion: np.ndarray  # any lesion
+    types: dict[str, np.ndarray] | None = None  # per lesion type, for a model with several
+    lung: np.ndarray | None = None  # the lung field, for a model with a lung class
+
+
+@dataclass
 class SegmentedImage:
     """Stage-2 output for one image, at its original size."""
 
     mask: np.ndarray  # bool (H, W)
-    lung: np.ndarray | None  # bool (H, W), or None without a lung model
+    lung: np.ndarray | None  # bool (H, W), or None without a lung field
     lesions: list[Lesion]
     lung_affected_pct: float | None
     instances: np.ndarray | None = None  # uint16 (H, W): 0 background, k the k-th of ``lesions``
+    types: tuple[str, ...] = ("lesion",)  # the segmenter's lesion types
+
+    @property
+    def area_by_type(self) -> dict[str, int]:
+        """Lesion pixels per lesion type (every type of the model, 0 where none)."""
+        return area_by_type(self.lesions, self.types)
 
 
-def segment_image(prob: np.ndarray, seg: Segmenter, lung_prob: np.ndarray | None = None,
+def class_masks(maps: SegmenterMaps, seg: Segmenter, lung_threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Each class's predicted mask (bool (H, W); thresholded, small components kept, as evaluation
+    scores them): every lesion type, the lesion pixels whose most probable type it is, and "lung"
+    for a model with a lung class. Keys as :attr:`Segmenter.class_kinds`."""
+    lesion = maps.lesion >= seg.threshold
+    if maps.types:
+        names = list(maps.types)
+        best = np.argmax(np.stack([maps.types[n] for n in names]), axis=0)
+        out = {n: lesion & (best == i) for i, n in enumerate(names)}
+    else:
+        out = {seg.lesion_types[0]: lesion}
+    if maps.lung is not None:
+        out["lung"] = maps.lung >= lung_threshold
+    return out
+
+
+def segment_image(maps: SegmenterMaps | np.ndarray, seg: Segmenter, lung_prob: np.ndarray | None = None,
                   lung_threshold: float = 0.5) -> SegmentedImage:
-    """(H, W) lesion probabilities → mask (thresholded, small components dropped), lesion instances
-    and the share of lung affected (inside the lung field when ``lung_prob`` is given)."""
-    lung = lung_prob >= lung_threshold if lung_prob is not None else None
-    instances, found = lesion_instances(prob, threshold=seg.threshold, min_area=seg.min_lesion_area, lung=lung)
+    """Probabilities (a :class:`SegmenterMaps`, or the (H, W) lesion map alone) → mask (thresholded,
+    small components dropped), typed lesion instances and the share of lung affected.
+
+    The lung field is ``lung_prob`` (a separate lung model) when given, else the segmenter's own
+    lung class when it has one; without either there is no share of lung.
+    """
+    if not isinstance(maps, SegmenterMaps):
+        maps = SegmenterMaps(np.asarray(maps, np.float32))
+    lung_map = lung_prob if lung_prob is not None else maps.lung
+    lung = lung_map >= lung_threshold if lung_map is not None else None
+    instances, found = lesion_instances(maps.lesion, threshold=seg.threshold, min_area=seg.min_lesion_area,
+                                        lung=lung, kind=seg.kind, types=maps.types)
     mask = instances > 0
     pct = lung_affected_pct(mask, lung) if lung is not None else None
-    return SegmentedImage(mask, lung, found, pct, instances)
+    return SegmentedImage(mask, lung, found, pct, instances, seg.lesion_types)

@@ -13,14 +13,9 @@ import keras
 from data import spec
 from data.runtime.training import RecipeSettings, apply_preset
 from segmenter.losses import get_loss
+from segmenter.schemes import ARCHS, CLASS_SCHEMES, MODALITIES, channel_names
 from segmenter.tiramisu import build_fc_densenet103
 from segmenter.unet import build_unet
-
-ARCHS = ("unet-densenet121", "fc-densenet103")
-#: "binary": lesion vs background, sigmoid. "lung-lesion": background / lung / lesion, softmax,
-#: trained from a lung mask and a lesion mask (lesion wins where both are set).
-CLASS_SCHEMES = ("binary", "lung-lesion")
-
 
 #: Named recipes (as ensemble.train.PRESETS): "paper" is the dataclass defaults (Adam 1e-4, 40
 #: epochs, plateau LR); "scratch", the default whenever weights = "none", is what from-scratch
@@ -43,8 +38,8 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
 
     scratch = is_none(values.get("weights", "imagenet")) or values.get("arch") == "fc-densenet103"
     values = dict(values)
-    if values.get("classes") == "lung-lesion" and values.get("loss") is None:
-        values["loss"] = "cce_dice"  # the only loss of the softmax head (SegmenterSettings checks it)
+    if values.get("classes", "binary") != "binary" and values.get("loss") is None:
+        values["loss"] = "cce_dice"  # the only loss of the softmax heads (SegmenterSettings checks it)
     return apply_preset(values, PRESETS, "scratch" if scratch else "paper")
 
 
@@ -68,6 +63,9 @@ class SegmenterSettings(RecipeSettings):
     augment: bool = True
     threshold: float = 0.5
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
+    modality: str = "xray"  # what the images are: "xray", or "ct" slices (shown in ct_window)
+    ct_window_center: float = -600.0  # HU: the lung window of data.volume, how CT volumes are shown to the model
+    ct_window_width: float = 1500.0
 
     def __post_init__(self) -> None:
         self.check_recipe_fields(presets=PRESETS, epochs=self.epochs)
@@ -76,22 +74,40 @@ class SegmenterSettings(RecipeSettings):
         get_loss(self.loss)
         if self.classes not in CLASS_SCHEMES:
             raise ValueError(f"unknown classes {self.classes!r}; valid: {', '.join(CLASS_SCHEMES)}")
-        if self.classes == "lung-lesion" and self.loss != "cce_dice":
-            raise ValueError('classes = "lung-lesion" trains with loss = "cce_dice"')
+        if self.classes != "binary" and self.loss != "cce_dice":
+            raise ValueError(f'classes = "{self.classes}" trains with loss = "cce_dice"')
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be ≥ 1")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
+        if self.ct_window_width <= 0:
+            raise ValueError(f"ct_window_width must be > 0, got {self.ct_window_width}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.arch == "fc-densenet103" and self.weights not in (None, "none"):
             raise ValueError("fc-densenet103 has no pretrained weights; set weights = \"none\"")
 
     @property
+    def encoder(self) -> str | None:
+        """The U-Net's encoder (a key of segmenter.unet.ENCODERS); None for FC-DenseNet103."""
+        return self.arch.removeprefix("unet-") if self.arch.startswith("unet-") else None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The model's output channels by name: (kind,) for "binary", else the softmax classes,
+        "background" first. Saved in the bundle (segmenter.model reads it)."""
+        return channel_names(self.classes, self.kind)
+
+    @property
     def num_classes(self) -> int:
-        return 1 if self.classes == "binary" else 3
+        return len(self.channels)
 
     @property
     def mask_kinds(self) -> tuple[str, ...]:
-        return (self.kind,) if self.classes == "binary" else (self.lung_kind, self.kind)
+        """The mask kinds training reads, in channel order (the channels after "background")."""
+        if self.classes == "binary":
+            return (self.kind,)
+        return tuple(self.lung_kind if c == "lung" else c for c in self.channels[1:])
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -100,9 +116,9 @@ class SegmenterSettings(RecipeSettings):
 
 
 def build_segmenter(settings: SegmenterSettings) -> keras.Model:
-    """The architecture named by ``settings.arch`` with one sigmoid output."""
-    if settings.arch == "unet-densenet121":
+    """The architecture named by ``settings.arch``, with ``settings.num_classes`` outputs."""
+    if settings.encoder is not None:
         weights = None if settings.weights in (None, "none") else settings.weights
         return build_unet(input_size=settings.image_size, num_classes=settings.num_classes, weights=weights,
-                          freeze_encoder=settings.freeze_encoder)
+                          freeze_encoder=settings.freeze_encoder, encoder=settings.encoder)
     return build_fc_densenet103(input_size=settings.image_size, num_classes=settings.num_classes)

@@ -38,15 +38,21 @@ def dice_coefficient(y_true, y_pred):
     return (2.0 * inter + 1.0) / (ops.sum(y_true) + ops.sum(y_pred) + 1.0)
 
 
-def lung_lesion_targets(x, masks):
-    """(x, (B, S, S, 2) lung and lesion masks) → (x, (B, S, S, 3) one-hot background / lung / lesion).
+def softmax_targets(x, masks):
+    """(x, (B, S, S, K) binary masks in channel order) → (x, (B, S, S, K + 1) one-hot targets,
+    background first). Where masks overlap the later one wins (lesion over lung, consolidation
+    over ground glass), so every pixel has exactly one class.
 
     Numpy batches (PyTorch/JAX streams) or tf.data's symbolic ones (keras.ops).
     """
-    xp_cat, xp_max = (np.concatenate, np.maximum) if isinstance(masks, np.ndarray) else (ops.concatenate, ops.maximum)
-    lung, lesion = masks[..., 0:1], masks[..., 1:2]
-    lung_only = lung * (1.0 - lesion)
-    return x, xp_cat([1.0 - xp_max(lung, lesion), lung_only, lesion], axis=-1)
+    xp_cat = np.concatenate if isinstance(masks, np.ndarray) else ops.concatenate
+    k = masks.shape[-1]
+    channels, free = [], 1.0  # free: 1 where no later mask claimed the pixel
+    for i in reversed(range(k)):
+        m = masks[..., i:i + 1]
+        channels.append(m * free)
+        free = free * (1.0 - m)
+    return x, xp_cat([free, *reversed(channels)], axis=-1)
 
 
 @dataclass
@@ -82,17 +88,19 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
                             **fit_common)
     val_ds = make_dataset(val, **fit_common)
-    if settings.classes == "lung-lesion":
-        train_ds, val_ds = train_ds.map(lung_lesion_targets), val_ds.map(lung_lesion_targets)
+    if settings.classes != "binary":
+        train_ds, val_ds = train_ds.map(softmax_targets), val_ds.map(softmax_targets)
     with distribution_scope(dist), synchronized_batchnorm(model, dist):
         fitted = fit_best(model, train_ds, val_ds, recipe=recipe, n_train=len(train), loss=get_loss(settings.loss),
                           metrics=[dice_coefficient], out_dir=out_dir, verbose=verbose)
     model = off_strategy(model, dist)
     plain = make_dataset(train, shuffle=True, **common)  # no augmentation
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
-    meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes, "threshold": settings.threshold,
+    meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
+            "channels": list(settings.channels), "threshold": settings.threshold,
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
-            "distribute": dist.record() if dist else None}
+            "distribute": dist.record() if dist else None, "modality": settings.modality,
+            "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
     return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items))

@@ -69,6 +69,39 @@ def write_monochrome1_dicom(path: Path, pixels: np.ndarray) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def write_ct_series(folder: Path, hu: np.ndarray, *, spacing=(0.7, 0.8), thickness: float = 2.5,
+                    origin=(-100.0, -120.0, 40.0), modality: str = "CT", series_uid: str | None = None) -> list[Path]:
+    """A DICOM CT series of ``hu`` (Z, rows, columns), axial slices stacked along +z (patient superior),
+    stored as int16 with slope 1 and intercept -1024; files named in reverse order of position."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    paths = []
+    for z, plane in enumerate(hu):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"im{len(hu) - z:03d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series_uid, z + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + z * thickness]
+        ds.PixelSpacing = list(spacing)
+        ds.SliceThickness = thickness
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = (np.asarray(plane) + 1024).astype(np.int16).tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 #: name → (expected outcome: "ok" or a substring of the error reason)
 BAD_CORPUS_EXPECT = {
     "zero.png": "empty file",

@@ -43,6 +43,11 @@ def torch_normalization(name: str) -> layers.Layer:
     return ChannelAffine([1 / (255 * s) for s in std], [-m / s for m, s in zip(mean, std)], name=name)
 
 
+def tf_normalization(name: str) -> layers.Layer:
+    # keras.applications.mobilenet_v2.preprocess_input(mode="tf"): x/127.5 - 1, to [-1, 1].
+    return ChannelAffine([1 / 127.5] * 3, [-1.0] * 3, name=name)
+
+
 def caffe_normalization(name: str) -> layers.Layer:
     # keras.applications.vgg19.preprocess_input(mode="caffe"): RGB→BGR, minus ImageNet BGR mean.
     return ChannelAffine([1.0, 1.0, 1.0], [-103.939, -116.779, -123.68], reverse_channels=True, name=name)

@@ -68,30 +68,56 @@ def test_train_segmenter_bad_usage(seg_data, tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
-def test_lung_lesion_head_trains_from_two_mask_kinds(seg_data, tmp_path):
+def test_lesion_type_head_gives_lung_field_and_typed_lesions(seg_data, tmp_path, capsys):
+    """One MobileNetV2 U-Net for background / lung / ground glass / consolidation: trained from four mask
+    kinds, scored per class, and its own lung class gives the share of lung (no --lung-model)."""
     import shutil
 
     import numpy as np
 
+    from data.io import read_mask
     from segmenter.model import load_segmenter
 
     masks = tmp_path / "masks"
     shutil.copytree(seg_data / "masks", masks)
-    (masks / "lung").mkdir()
-    for p in (masks / "lesion").iterdir():  # a lung field around every lesion
-        m = np.zeros((72, 64), np.uint8)
-        m[4:68, 4:60] = 255
-        (masks / "lung" / p.name).write_bytes(png_bytes(m))
+    for kind in ("lung", "ggo", "consolidation"):
+        (masks / kind).mkdir()
+    for p in (masks / "lesion").iterdir():  # a lung field around every lesion; its left half ground glass
+        lesion = read_mask(p)
+        lung = np.zeros_like(lesion)
+        lung[4:68, 4:60] = True
+        cols = np.nonzero(lesion.any(axis=0))[0]
+        ggo = lesion.copy()
+        ggo[:, cols[len(cols) // 2]:] = False
+        for kind, m in (("lung", lung), ("ggo", ggo), ("consolidation", lesion & ~ggo)):
+            (masks / kind / p.name).write_bytes(png_bytes(m.astype(np.uint8) * 255))
     cfg = tmp_path / "c.toml"
-    cfg.write_text('arch = "fc-densenet103"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
-                   'run_eagerly = true\n')
+    cfg.write_text('image_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\nrun_eagerly = true\n'
+                   'threshold = 0.05\nmin_lesion_area = 1\n')
     out = tmp_path / "m"
     assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(masks), "--kind", "lesion",
-                 "--classes", "lung-lesion", "--out", str(out), "--config", str(cfg)]) == 0
+                 "--arch", "unet-mobilenetv2", "--classes", "lung-lesion-types", "--out", str(out),
+                 "--config", str(cfg)]) == 0
     seg = load_segmenter(out)
-    assert seg.classes == "lung-lesion" and seg.model.output.shape[-1] == 3
-    probs = seg.predict(np.full((2, 64, 64, 3), 120.0, np.float32))
-    assert probs.shape == (2, 64, 64) and 0.0 <= probs.min() and probs.max() <= 1.0
+    assert seg.channels == ("background", "lung", "ggo", "consolidation") and seg.meta["arch"] == "unet-mobilenetv2"
+    maps = seg.predict_maps(np.full((2, 64, 64, 3), 120.0, np.float32))
+    assert maps.shape == (2, 64, 64, 4)
+    np.testing.assert_allclose(seg.lesion_probability(maps), maps[..., 2] + maps[..., 3], atol=1e-6)
+
+    ev = tmp_path / "ev"
+    assert main(["evaluate-segmenter", "--model", str(out), "--images", str(seg_data / "images"), "--masks",
+                 str(masks), "--kind", "lesion", "--bootstrap", "50", "--include-training", "--out", str(ev)]) == 0
+    per_class = json.loads((ev / "metrics.json").read_text())["per_class"]
+    assert set(per_class) == {"ggo", "consolidation", "lung"} and per_class["lung"]["mask_kind"] == "lung"
+    for c in per_class.values():
+        assert c["n"] == 8 and 0.0 <= c["dice"]["value"] <= 1.0 and 0.0 <= c["iou"]["value"] <= c["dice"]["value"]
+    assert "consolidation: dice" in capsys.readouterr().out
+
+    image = sorted((seg_data / "images" / "covid").iterdir())[0]
+    assert main(["segment", "--model", str(out), str(image)]) == 0
+    said = capsys.readouterr().out
+    assert "lung affected n/a" not in said  # the model's own lung class gave the lung field
+    assert "ggo" in said and "consolidation" in said  # area by type, every type listed
 
 
 def test_offline_train_segmenter_names_the_fix(seg_data, tmp_path, capsys, monkeypatch):

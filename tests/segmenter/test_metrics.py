@@ -90,3 +90,47 @@ def test_lesion_shares_of_lung_add_up_to_the_lung_affected():
     assert sum(les.lung_pct for les in found) == pytest.approx(lung_affected_pct(instances > 0, lung))
     assert instances.dtype == np.uint16 and set(np.unique(instances)) == {0, 1, 2}
     assert [int((instances == k).sum()) for k in (1, 2)] == [les.area_px for les in found]
+
+
+def test_typed_lesions_split_by_most_probable_type():
+    from types import SimpleNamespace
+
+    from segmenter.model import SegmenterMaps, class_masks, segment_image
+
+    ggo, cons = np.zeros((20, 30), np.float32), np.zeros((20, 30), np.float32)
+    ggo[2:8, 2:12] = 0.7  # a ground-glass patch (60 px) ...
+    cons[2:8, 12:16] = 0.8  # ... touching a consolidation (24 px): two lesions, one of each type
+    ggo[12:18, 20:28], cons[12:18, 20:28] = 0.3, 0.4  # a consolidation alone (48 px)
+    ggo[0, 29] = 0.9  # one ground-glass pixel, under min_area
+    lung = np.zeros((20, 30), np.float32)
+    lung[:, :] = 0.9
+    lung[:, 25:] = 0.1  # the lung field ends at column 25
+    maps = SegmenterMaps(ggo + cons, {"ggo": ggo, "consolidation": cons}, lung)
+    seg = SimpleNamespace(threshold=0.5, min_lesion_area=4, kind="infection", lesion_types=("ggo", "consolidation"))
+    res = segment_image(maps, seg)
+    assert [(les.type, les.area_px, les.box) for les in res.lesions] == [
+        ("ggo", 60, (2, 2, 10, 6)), ("consolidation", 48, (20, 12, 8, 6)), ("consolidation", 24, (12, 2, 4, 6))]
+    assert res.lesions[0].score == pytest.approx(0.7) and res.lesions[2].score == pytest.approx(0.8)
+    assert res.area_by_type == {"ggo": 60, "consolidation": 72}
+    assert [int((res.instances == k).sum()) for k in (1, 2, 3)] == [60, 48, 24]
+    lung_px = 20 * 25
+    assert res.lesions[1].lung_pct == pytest.approx(100 * 30 / lung_px)  # 18 of its 48 px lie outside the lung
+    assert res.lung_affected_pct == pytest.approx(sum(les.lung_pct for les in res.lesions))
+    masks = class_masks(maps, seg)
+    assert set(masks) == {"ggo", "consolidation", "lung"} and int(masks["ggo"].sum()) == 61  # small ones kept
+    assert not (masks["ggo"] & masks["consolidation"]).any() and int(masks["lung"].sum()) == lung_px
+
+
+def test_one_lesion_kind_keeps_its_name_and_a_given_lung_model_wins():
+    from types import SimpleNamespace
+
+    from segmenter.model import SegmenterMaps, segment_image
+
+    prob = np.zeros((10, 10), np.float32)
+    prob[2:6, 2:6] = 0.9
+    own_lung, lung_model = np.ones((10, 10), np.float32), np.zeros((10, 10), np.float32)
+    lung_model[:, :5] = 1.0
+    seg = SimpleNamespace(threshold=0.5, min_lesion_area=1, kind="infection", lesion_types=("infection",))
+    res = segment_image(SegmenterMaps(prob, None, own_lung), seg, lung_prob=lung_model)
+    assert [les.type for les in res.lesions] == ["infection"] and res.area_by_type == {"infection": 16}
+    assert res.lung_affected_pct == pytest.approx(100 * 12 / 50)

@@ -11,11 +11,19 @@ from segmenter.tiramisu import build_fc_densenet103
 from segmenter.unet import build_unet
 
 
-def test_unet_densenet121_has_segmentation_models_parameter_count():
-    model = build_unet(input_size=64, num_classes=1)
-    # segmentation-models Unet('densenet121', classes=1): encoder 7,037,504 + decoder 5,107,473.
-    assert model.count_params() == 12_144_977
+@pytest.mark.parametrize("encoder, params", [
+    ("densenet121", 12_144_977),  # segmentation-models Unet('densenet121', classes=1): encoder 7,037,504 + decoder
+    ("mobilenetv2", 8_047_441),  # Unet('mobilenetv2', classes=1): encoder 2,257,984 + the same decoder layout
+])
+def test_unet_has_segmentation_models_parameter_count(encoder, params):
+    model = build_unet(input_size=64, num_classes=1, encoder=encoder)
+    assert model.count_params() == params
     assert model.output.shape[1:] == (64, 64, 1)
+
+
+def test_unknown_encoder_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="densenet121, mobilenetv2"):
+        build_unet(input_size=64, encoder="resnet50")
 
 
 def test_fc_densenet103_matches_the_paper():
@@ -60,11 +68,28 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(builder):
 def test_lung_lesion_targets_one_hot_with_lesion_winning():
     import numpy as np
 
-    from segmenter.train import lung_lesion_targets
+    from segmenter.train import softmax_targets
 
     lung = np.array([[1, 1, 0, 0]], np.float32)
     lesion = np.array([[0, 1, 1, 0]], np.float32)  # one lesion pixel outside the lung
-    _, y = lung_lesion_targets(None, np.stack([lung, lesion], axis=-1)[None])
+    _, y = softmax_targets(None, np.stack([lung, lesion], axis=-1)[None])
     y = np.asarray(y)[0]
     np.testing.assert_array_equal(y.sum(-1), 1.0)
     np.testing.assert_array_equal(y.argmax(-1), [[1, 2, 2, 0]])
+
+
+def test_lesion_type_targets_consolidation_wins_and_match_on_tensorflow():
+    import numpy as np
+    import tensorflow as tf
+
+    from segmenter.train import softmax_targets
+
+    lung = np.array([[1, 1, 1, 1, 0]], np.float32)
+    ggo = np.array([[0, 1, 1, 0, 0]], np.float32)
+    cons = np.array([[0, 0, 1, 1, 1]], np.float32)  # overlaps ground glass once, leaves the lung once
+    masks = np.stack([lung, ggo, cons], axis=-1)[None]
+    _, y = softmax_targets(None, masks)
+    np.testing.assert_array_equal(y[0].sum(-1), 1.0)
+    np.testing.assert_array_equal(y[0].argmax(-1), [[1, 2, 3, 3, 3]])
+    _, y_tf = softmax_targets(None, tf.constant(masks))  # tf.data's symbolic batches take the keras.ops path
+    np.testing.assert_array_equal(np.asarray(y_tf), y)
