@@ -1,5 +1,6 @@
-"""Stage-2 inference throughput on this machine: both architectures at 256 and 512 px, batch 1
-and 4, next to their nominal FLOPs and a measured matrix-multiply ceiling.
+"""Stage-2 inference throughput on this machine: the three architectures (DenseNet121 U-Net,
+MobileNetV2 U-Net, FC-DenseNet103) at 256 and 512 px, batch 1 and 4, with their parameter counts,
+nominal FLOPs and a measured matrix-multiply ceiling.
 
     .venv/bin/python benchmarks/bench_segmenter.py [--sizes 256,512] [--repeats 3]
 """
@@ -32,10 +33,13 @@ def main() -> int:
     ceiling = matmul_gflops()
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        for name, build in (("unet-densenet121", build_unet), ("fc-densenet103", build_fc_densenet103)):
-            model = build(input_size=size, num_classes=1)
+        builders = (("unet-densenet121", lambda s: build_unet(input_size=s)),
+                    ("unet-mobilenetv2", lambda s: build_unet(input_size=s, encoder="mobilenetv2")),
+                    ("fc-densenet103", lambda s: build_fc_densenet103(input_size=s)))
+        for name, build in builders:
+            model = build(size)
             flops = model_flops(model)
-            row = {"model": name, "size": size, "gflops": flops / 1e9}
+            row = {"model": name, "size": size, "gflops": flops / 1e9, "params": model.count_params()}
             for batch in (1, 4):
                 x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
                 row[f"b{batch}"] = time_call(lambda model=model, x=x: model.predict_on_batch(x), args.repeats, batch)
@@ -44,11 +48,11 @@ def main() -> int:
             print(f"  measured {name} at {size}", file=sys.stderr, flush=True)
     print(f"\nkeras {keras.__version__} on {keras.backend.backend()}, weights=None, graph mode, XLA off; "
           f"matmul ceiling {ceiling:.1f} GFLOP/s")
-    print("| model | size | GFLOPs/img | b1 img/s | b4 img/s | b4 GFLOP/s (share) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | params | size | GFLOPs/img | b1 img/s | b4 img/s | b4 GFLOP/s (share) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["b4"] * r["gflops"]
-        print(f"| {r['model']} | {r['size']} | {r['gflops']:.1f} | {r['b1']:.2f} | {r['b4']:.2f} | "
+        print(f"| {r['model']} | {r['params']:,} | {r['size']} | {r['gflops']:.1f} | {r['b1']:.2f} | {r['b4']:.2f} | "
               f"{g:.0f} ({g / ceiling:.0%}) |")
     return 0
 

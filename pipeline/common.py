@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+import numpy as np
+
 from data.datasets import DatasetError, FailureLog, Record, open_csv
 from data.runtime.bundle import SIDECAR, git_revision, package_versions
 from data.splits import plan_split, read_splits, select_split, write_splits
@@ -162,3 +164,21 @@ class ImageTicks:
 
     def close(self) -> None:
         getattr(self._ticks, "close", lambda: None)()
+
+
+def read_mask_of(path: Path | None, shape: tuple[int, ...], failures: FailureLog) -> np.ndarray | None:
+    """The bool mask at ``path`` when it has the image's ``shape``; None without a path, or with the
+    reason (unreadable, another size) recorded in ``failures``."""
+    from data.io import ImageReadError, read_mask
+
+    if path is None:
+        return None
+    try:
+        mask = read_mask(path)
+    except ImageReadError as err:
+        failures.add(err.path, f"mask: {err.reason}")
+        return None
+    if mask.shape != shape:
+        failures.add(str(path), f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {shape[1]}x{shape[0]}")
+        return None
+    return mask

@@ -20,12 +20,11 @@ from data import spec
 from data.datasets import DatasetError, FailureLog, walk_images
 from data.errors import UsageError
 from data.files import write_json, write_png
-from data.io import ImageReadError, read_mask
 from data.masks import iou
 from gradcam.cam import METHODS, member_heatmaps
 from gradcam.export import ANNOTATION_FORMATS, Draft, save_maps, write_coco, write_labelstudio, write_sagemaker
 from gradcam.masks import colorize, draft_mask, mass_inside, overlay, pointing_hit
-from pipeline.common import ImageTicks
+from pipeline.common import ImageTicks, read_mask_of
 from pipeline.outputs import claim_output, output_name
 from pipeline.privacy import InputNames
 
@@ -121,8 +120,8 @@ def gradcam_job(
                 score = float(pred.probs[j, cls[j]])
                 per_image = {"ensemble": geo.map_to_original(fused[j])}
                 per_image.update({m: geo.map_to_original(maps[m][j]) for m in chosen})
-                lung = _optional_mask(lungs.get(path.stem), per_image["ensemble"].shape, failures)
-                lesion = _optional_mask(lesions.get(path.stem), per_image["ensemble"].shape, failures)
+                lung = read_mask_of(lungs.get(path.stem), per_image["ensemble"].shape, failures)
+                lesion = read_mask_of(lesions.get(path.stem), per_image["ensemble"].shape, failures)
                 mask = draft_mask(per_image["ensemble"], threshold, lung) if label in spec.SEGMENT_CLASSES else None
                 files = _write_image_files(out, name, per_image, original, mask)
                 ref = _annotator_image(out, name, path, original, copy=copy_images)
@@ -228,20 +227,6 @@ def _browser_ready(path: Path) -> bool:
 def _as_uint8(original: np.ndarray) -> np.ndarray:
     """The decoded image as the model sees it (float32 RGB in [0, 255]) as 8-bit RGB."""
     return np.clip(np.rint(original), 0, 255).astype(np.uint8)
-
-
-def _optional_mask(path: Path | None, shape: tuple[int, int], failures: FailureLog) -> np.ndarray | None:
-    if path is None:
-        return None
-    try:
-        mask = read_mask(path)
-    except ImageReadError as err:
-        failures.add(err.path, f"mask: {err.reason}")
-        return None
-    if mask.shape != shape:
-        failures.add(str(path), f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {shape[1]}x{shape[0]}")
-        return None
-    return mask
 
 
 def _write_manifest(path: Path, rows: list[list[Any]]) -> None:

@@ -12,7 +12,6 @@ import numpy as np
 
 from data.datasets import DatasetError, FailureLog, Record
 from data.files import write_json
-from data.io import ImageReadError, read_mask
 from data.masks import SEGMENTATION_SCORES
 from data.splits import read_splits, select_split
 from pipeline.common import (
@@ -20,6 +19,7 @@ from pipeline.common import (
     load_settings,
     patient_ids,
     prepare_output_dir,
+    read_mask_of,
     run_training_job,
     write_failures,
 )
@@ -122,14 +122,14 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     per_class: dict[str, list[tuple[dict[str, float], str]]] = {c: [] for c in classes}
     for i, _, maps, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
         prob = maps.lesion
-        truth = _read_truth(records[i].masks[kind], prob.shape, failures)
+        truth = read_mask_of(records[i].masks[kind], prob.shape, failures)
         if truth is None:
             continue
         pred = prob >= seg.threshold
         patient = patient_ids([records[i]])[0]
         predicted = class_masks(maps, seg) if classes else {}
         for c, ckind in classes.items():
-            ctruth = _read_truth(records[i].masks[ckind], prob.shape, failures) if ckind in records[i].masks else None
+            ctruth = read_mask_of(records[i].masks.get(ckind), prob.shape, failures)
             if ctruth is not None:
                 per_class[c].append((segmentation_scores(ctruth, predicted[c]), patient))
         scores = segmentation_scores(truth, pred)
@@ -169,19 +169,6 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     if examples:
         plot_gallery(examples, out / "gallery.png")
     return metrics
-
-
-def _read_truth(path: Path, shape: tuple[int, ...], failures: FailureLog) -> np.ndarray | None:
-    """A ground-truth mask of the image's size, or None with the reason recorded in ``failures``."""
-    try:
-        truth = read_mask(path)
-    except ImageReadError as err:
-        failures.add(err.path, f"mask: {err.reason}")
-        return None
-    if truth.shape != shape:
-        failures.add(str(path), f"mask size {truth.shape[::-1]} differs from image {shape[::-1]}")
-        return None
-    return truth
 
 
 def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_model=None):

@@ -71,9 +71,11 @@ def test_ct_run_writes_aligned_mask_volumes_and_per_volume_figures(bright_segmen
     np.testing.assert_array_equal(np.asarray(mask.dataobj), stored > 0)  # voxel for voxel, in stored order
     series_mask = np.asarray(nib.load(out / records["series"]["mask_volume"]).dataobj)
     np.testing.assert_array_equal(series_mask.transpose(2, 1, 0), lesion)
-    for name, voxel_ml in (("vol.nii.gz", 0.7 * 0.8 * 2.5 / 1000), ("series", 0.7 * 0.8 * 2.5 / 1000)):
+    voxel_ml = 0.7 * 0.8 * 2.5 / 1000  # both volumes have 0.7 × 0.8 mm pixels and 2.5 mm slices
+    for name in ("vol.nii.gz", "series"):
         r = records[name]
-        assert r["lesion_px"] == int(lesion.sum()) and r["lesion_ml"] == pytest.approx(lesion.sum() * voxel_ml, rel=1e-3)
+        assert r["lesion_px"] == int(lesion.sum())
+        assert r["lesion_ml"] == pytest.approx(lesion.sum() * voxel_ml, rel=1e-3)
         assert r["lung_source"] == "hu-threshold" and 0 < r["lung_affected_pct"] < 100
         per_slice = list(csv.DictReader((out / r["slices"]).open()))
         assert [int(s["lesion_px"]) for s in per_slice] == [int(v) for v in lesion.sum(axis=(1, 2))]
