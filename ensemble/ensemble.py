@@ -12,14 +12,13 @@ their probabilities; concat trains one head on the concatenated pooled features.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import keras
 from keras import layers, ops
 
 from data import spec
-from ensemble.members import MEMBERS, member_features, member_head, member_spec, validate_input_shape
+from ensemble.members import MEMBERS, Weights, member_features, member_head, member_spec, validate_input_shape
 
 VARIANTS = ("softvote", "concat")
 CONCAT_HEAD = "concat_head"
@@ -68,15 +67,16 @@ def build_ensemble(
     variant: str = "softvote",
     member_weights: Sequence[float] | None = None,
     num_classes: int = spec.NUM_CLASSES,
-    weights: str | os.PathLike[str] | None = None,
+    weights: Weights = None,
     input_shape: tuple[int, int, int] = (spec.DEFAULT_IMAGE_SIZE, spec.DEFAULT_IMAGE_SIZE, spec.CHANNELS),
     freeze_fraction: float = 0.0,
     dropout: float = 0.3,
 ) -> keras.Model:
     """Build the ensemble described in the module docstring.
 
-    ``weights``: "imagenet", None, or a folder holding Keras's no-top weight files
-    (one per member). ``member_weights`` (soft vote only) default to equal.
+    ``weights``: "imagenet", None, a folder holding Keras's no-top weight files (one per member),
+    or a table member → one of those (ensemble.members.weights_of). ``member_weights`` (soft vote
+    only) default to equal.
     """
     names = parse_members(members)
     if variant not in VARIANTS:

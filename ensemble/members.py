@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import keras
 from keras import layers
 
 from data import spec
-from data.runtime.layers import caffe_normalization, torch_normalization
+from data.runtime.layers import caffe_normalization, torch_normalization, xrv_normalization
 from data.runtime.weights import WeightsError, build_application, resolve_weights_file  # noqa: F401  (WeightsError re-exported)
 
 #: Weight sources accepted by :func:`build_member`.
@@ -62,14 +62,28 @@ def member_spec(name: str) -> MemberSpec:
         raise ValueError(f"unknown member {name!r}; valid members: {', '.join(MEMBERS)}") from None
 
 
-def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str | None:
+#: A weights argument: one source for every member, or a table member → source.
+Weights = str | os.PathLike[str] | Mapping[str, str] | None
+
+
+def weights_of(name: str, weights: Weights) -> str | os.PathLike[str] | None:
+    """Member ``name``'s own entry when ``weights`` is a per-member table, else ``weights`` itself."""
+    if isinstance(weights, Mapping):
+        if name not in weights:
+            raise ValueError(f"the weights table names {', '.join(weights)} but not member {name!r}")
+        return weights[name]
+    return weights
+
+
+def resolve_weights(name: str, weights: Weights) -> str | None:
     """Turn a weights argument into what keras.applications accepts, checking local files first.
 
     "imagenet" is passed through (Keras downloads it, verifies its hash and caches it in
     ~/.keras/models, where an offline machine can be given the file); a folder is searched
-    for the member's standard no-top file; a file path is used as is.
+    for the member's standard no-top file; a file path is used as is. A per-member table
+    gives each member its own source.
     """
-    return resolve_weights_file(weights, imagenet_file=member_spec(name).imagenet_file, what=name)
+    return resolve_weights_file(weights_of(name, weights), imagenet_file=member_spec(name).imagenet_file, what=name)
 
 
 def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
@@ -103,7 +117,7 @@ def build_member(
     name: str,
     *,
     num_classes: int = spec.NUM_CLASSES,
-    weights: str | os.PathLike[str] | None = None,
+    weights: Weights = None,
     input_shape: tuple[int, int, int] = (spec.DEFAULT_IMAGE_SIZE, spec.DEFAULT_IMAGE_SIZE, spec.CHANNELS),
     freeze_fraction: float = 0.0,
     dropout: float = 0.3,
@@ -120,12 +134,19 @@ def build_member(
     return keras.Model(inputs, {f"{name}_probs": probs, f"{name}_features": features}, name=name)
 
 
-def member_features(name: str, inputs, *, weights, freeze_fraction: float):
-    """Preprocessing + backbone applied to ``inputs``; returns the last conv maps (B, h, w, K)."""
+def member_features(name: str, inputs, *, weights: Weights, freeze_fraction: float):
+    """Preprocessing + backbone applied to ``inputs``; returns the last conv maps (B, h, w, K).
+
+    A weights file converted from torchxrayvision (ensemble.convert) brings its own input scaling.
+    """
+    from ensemble.convert import XRV_SCALING, input_scaling
+
     ms = member_spec(name)
-    backbone = build_backbone(name, input_shape=tuple(inputs.shape[1:]), weights=resolve_weights(name, weights))
+    resolved = resolve_weights(name, weights)
+    backbone = build_backbone(name, input_shape=tuple(inputs.shape[1:]), weights=resolved)
     freeze_early_layers(backbone, freeze_fraction)
-    x = ms.preprocessing(f"{name}_preprocess")(inputs)
+    preprocessing = xrv_normalization if input_scaling(resolved) == XRV_SCALING else ms.preprocessing
+    x = preprocessing(f"{name}_preprocess")(inputs)
     return backbone(x)
 
 

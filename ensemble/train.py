@@ -75,7 +75,9 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     presets = dict(PRESETS)
     if values.get("member_weights") is not None:  # weights given by the user are used as given
         presets = {k: {kk: vv for kk, vv in v.items() if kk != "fit_member_weights"} for k, v in presets.items()}
-    return apply_preset(values, presets, "scratch" if is_none(values.get("weights", "imagenet")) else "paper")
+    weights = values.get("weights", "imagenet")
+    scratch = all(is_none(w) for w in weights.values()) if isinstance(weights, Mapping) else is_none(weights)
+    return apply_preset(values, presets, "scratch" if scratch else "paper")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class ClassifierSettings(RecipeSettings):
     image_size: int = spec.DEFAULT_IMAGE_SIZE
     resize_mode: str = spec.DEFAULT_RESIZE_MODE
     clahe: bool = False
-    weights: str | None = "imagenet"
+    weights: str | dict[str, str] | None = "imagenet"  # one source for all members, or member → source
     freeze_fraction: float = 0.3
     dropout: float = 0.3
     learning_rate: float = 1e-4
@@ -122,6 +124,9 @@ class ClassifierSettings(RecipeSettings):
                 raise ValueError(f"member_lr_scale names unknown member(s) {unknown}; valid: {', '.join(MEMBERS)}")
             if any(not 0 < v <= 100 for v in self.member_lr_scale.values()):
                 raise ValueError(f"member_lr_scale values must be in (0, 100], got {self.member_lr_scale}")
+        if isinstance(self.weights, dict) and set(self.weights) != set(self.members):
+            raise ValueError(f"the weights table must name each member ({', '.join(self.members)}); "
+                             f"it names {', '.join(self.weights) or 'none'}")
         if self.fit_member_weights and self.member_weights is not None:
             raise ValueError("give member_weights or fit_member_weights = true, not both")
         if not 0.0 < self.refer_target_error < 1.0:

@@ -21,6 +21,7 @@ from data.spec import CLASS_NAMES, DEFAULT_MAX_PIXELS
 from data.splits import plan_split, read_splits, split_counts, write_splits
 from gradcam.export import ANNOTATION_FORMATS
 from pipeline.config import ServeSettings
+from pipeline.experiments import SCALES
 from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
 from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
 from pipeline.outputs import describe_os_error
@@ -33,13 +34,13 @@ from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
 # Besides the functions, what the command line reads: argument choices and defaults, and the text
 # helpers it prints with.
 __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS",
-           "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SEGMENTATION_SCORES", "SEGMENTER_ARCHS",
-           "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions",
-           "ServeSettings", "ci_text", "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models",
-           "SplitResult", "check_data", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
-           "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks", "load_models", "predict",
-           "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "split_data", "train_classifier",
-           "train_segmenter"]
+           "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SCALES", "SEGMENTATION_SCORES", "SEGMENTER_ARCHS",
+           "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions", "ServeSettings", "ci_text",
+           "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models", "SplitResult",
+           "check_data", "convert_weights", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
+           "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks", "load_models",
+           "predict", "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "split_data",
+           "train_classifier", "train_segmenter"]
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 
@@ -355,8 +356,17 @@ def demo(out: PathLike, *, cache: PathLike | None = None, progress=None):
     return run_demo(Path(out), cache=Path(cache) if cache else None, progress=progress)
 
 
-def reproduce(experiment: PathLike, out: PathLike | None = None, *, progress=None) -> Path:
-    """`cxr reproduce`: one experiments/*.toml; returns the run directory (its comparison.md is the summary)."""
+def reproduce(experiment: PathLike, out: PathLike | None = None, *, scale: str = "paper", progress=None) -> Path:
+    """`cxr reproduce`: one experiments/*.toml at the paper's settings or ``scale`` "small" (the file's
+    [small] table); returns the run directory (its comparison.md is the summary)."""
     from pipeline.experiments import reproduce as _reproduce
 
-    return _reproduce(experiment, out, progress=progress)
+    return _reproduce(experiment, out, scale=scale, progress=progress)
+
+
+def convert_weights(source: PathLike, out: PathLike) -> dict[str, Any]:
+    """`cxr convert-weights`: a torchxrayvision-layout DenseNet121 state dict (.pt/.pth, or .npz) → a Keras
+    DenseNet121 backbone weights file ``out`` (*.weights.h5) with its sidecar (ensemble.convert)."""
+    from ensemble.convert import convert_weights as _convert
+
+    return _convert(source, out)

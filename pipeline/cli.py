@@ -274,9 +274,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    run = api.reproduce(args.experiment, args.out, progress=_progress("reproduce"))
+    run = api.reproduce(args.experiment, args.out, scale=args.scale, progress=_progress("reproduce"))
     print((run / "comparison.md").read_text())
     print(f"run directory: {run}")
+    return EXIT_OK
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    record = api.convert_weights(args.source, args.out)
+    print(f"wrote {args.out} (DenseNet121 backbone; {len(record['dropped'])} tensor(s) not part of it dropped: "
+          f"{', '.join(record['dropped'][:4]) or 'none'})")
+    print(f"input scaling: {record['input_scaling_formula']}. Use it as a member's weights, e.g. in a TOML: "
+          f'weights = {{ densenet121 = "{args.out}", efficientnetb0 = "imagenet", vgg19 = "imagenet" }}')
     return EXIT_OK
 
 
@@ -545,7 +554,17 @@ def _add_pipeline_commands(sub) -> None:
     rp = sub.add_parser("reproduce", help="run a paper experiment from experiments/*.toml")
     rp.add_argument("experiment", type=_existing_file)
     rp.add_argument("--out", help="run directory (default runs/<name>)")
+    rp.add_argument("--scale", choices=api.SCALES, default="paper",
+                    help="paper: the paper's settings (a machine that can afford them); small: the file's [small] "
+                         "table (image size, epochs, no downloads) for a 2-core CPU; comparison.md says which ran")
     rp.set_defaults(func=_cmd_reproduce)
+
+    cw = sub.add_parser("convert-weights", help="a chest-X-ray DenseNet121 from PyTorch (torchxrayvision) → Keras")
+    cw.add_argument("source", type=_existing_file,
+                    help="state dict: .pt/.pth (needs torch; e.g. torchxrayvision's densenet121-res224-all) or .npz")
+    cw.add_argument("--out", required=True, help="Keras weights file to write, *.weights.h5 (a .json sidecar beside "
+                                                 "it records the source and the input scaling)")
+    cw.set_defaults(func=_cmd_convert_weights)
 
 
 def _pseudonym_args(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,12 @@ def tf_normalization(name: str) -> layers.Layer:
     return ChannelAffine([1 / 127.5] * 3, [-1.0] * 3, name=name)
 
 
+def xrv_normalization(name: str) -> layers.Layer:
+    # torchxrayvision's range: x / 255 * 2048 - 1024. The three equal gray channels stay three; a
+    # converted first convolution (ensemble.convert) takes a third of the gray kernel on each.
+    return ChannelAffine([2048.0 / 255.0] * 3, [-1024.0] * 3, name=name)
+
+
 def caffe_normalization(name: str) -> layers.Layer:
     # keras.applications.vgg19.preprocess_input(mode="caffe"): RGB→BGR, minus ImageNet BGR mean.
     return ChannelAffine([1.0, 1.0, 1.0], [-103.939, -116.779, -123.68], reverse_channels=True, name=name)

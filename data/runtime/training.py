@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("plateau", "cosine")
+SCHEDULES = ("plateau", "cosine", "constant")
 
 
 def apply_preset(values: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]], default: str) -> dict[str, Any]:
@@ -67,6 +67,7 @@ class RecipeSettings:
     reduce_lr_factor: float = 0.5
     bn_momentum: float | None = None  # None keeps Keras' 0.99
     bn_reestimate_batches: int = 0
+    select_best: bool = True  # keep the best-val-loss epoch (False: the last epoch, as a plain fit)
     distribute: str = "none"  # "mirrored": several devices of one host (data.runtime.distribute)
     replicas: int = 0  # with "mirrored": how many devices (0: every GPU)
 
@@ -103,7 +104,8 @@ def build_optimizer(name: str, learning_rate: float, *, schedule: str, epochs: i
 
 def build_lr_schedule(learning_rate: float, *, schedule: str, epochs: int, steps_per_epoch: int,
                       warmup_epochs: int = 0) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The constant ``learning_rate`` ("plateau": callbacks lower it) or warm-up + cosine decay to 0."""
+    """The constant ``learning_rate`` ("plateau": callbacks lower it; "constant": nothing does) or
+    warm-up + cosine decay to 0."""
     if schedule != "cosine":
         return learning_rate
     total = max(1, epochs * steps_per_epoch)
@@ -244,6 +246,7 @@ class FitRecipe:
     reduce_lr_factor: float = 0.5
     bn_momentum: float | None = None
     bn_reestimate_batches: int = 0
+    select_best: bool = True
     run_eagerly: bool = False
 
     @classmethod
@@ -279,7 +282,8 @@ def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_trai
              verbose: int | None = None) -> FitOutcome:
     """Compile ``model`` with the recipe's optimiser and schedule, fit it on the streams with the
     best-val-loss checkpoint and CSV log (:func:`build_callbacks`, files named with ``prefix``),
-    then load the best epoch's weights back. ``learning_rate`` overrides the recipe's (per unit)."""
+    then load the best epoch's weights back (unless ``recipe.select_best`` is off: the last epoch's
+    weights stay). ``learning_rate`` overrides the recipe's (per unit)."""
     import time
 
     model.compile(
@@ -297,6 +301,6 @@ def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_trai
                         shuffle=False,  # data.datasets.make_dataset shuffles, seeded per epoch
                         verbose=console_verbosity(verbose))
     seconds = round(time.perf_counter() - t0, 1)
-    if ckpt.is_file():
+    if recipe.select_best and ckpt.is_file():
         model.load_weights(ckpt)
     return FitOutcome({k: [float(v) for v in vals] for k, vals in hist.history.items()}, seconds, ckpt)
