@@ -53,7 +53,7 @@ class Segmenter(LoadedBundle):
 
     @property
     def channels(self) -> tuple[str, ...]:
-        """The output channels by name (segmenter.settings.channel_names; bundles from before
+        """The output channels by name (segmenter.schemes.channel_names; bundles from before
         lesion types carry no list and get their scheme's)."""
         return tuple(self.meta.get("channels") or channel_names(self.classes, self.kind))
 

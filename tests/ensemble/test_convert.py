@@ -96,3 +96,36 @@ def test_not_a_densenet121_names_the_file(tmp_path):
     np.savez(bad, **{"features.conv0.weight": np.zeros((64, 1, 7, 7), np.float32)})
     with pytest.raises(ConvertError, match="bad.npz: not a torchvision-layout DenseNet121"):
         convert_weights(bad, tmp_path / "o.weights.h5")
+
+
+def test_cli_converts_an_npz_state_dict_without_torch(tmp_path, capsys):
+    """The .npz route (a state dict saved with numpy where torch is installed): the command line writes the
+    backbone and its sidecar, and the weights land where the state dict put them."""
+    import keras
+
+    from ensemble.convert import sidecar_path
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    shapes = {}
+    ref = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(64, 64, 3))
+    for key, (layer, part) in keras_targets().items():
+        weights = ref.get_layer(layer).get_weights()
+        if part == "kernel":
+            kh, kw, cin, cout = weights[0].shape
+            shapes[key] = (cout, 1 if layer == "conv1_conv" else cin, kh, kw)
+        else:
+            shapes[key] = weights[0].shape
+    state = {k: rng.uniform(0.5, 1.5, s).astype(np.float32) for k, s in shapes.items()}
+    state["classifier.weight"] = np.zeros((18, 1024), np.float32)
+    np.savez(tmp_path / "sd.npz", **state)
+    out = tmp_path / "x.weights.h5"
+    assert main(["convert-weights", str(tmp_path / "sd.npz"), "--out", str(out)]) == 0
+    assert "input scaling: gray = mean(R, G, B)" in capsys.readouterr().out
+    assert json.loads(sidecar_path(out).read_text())["dropped"] == ["classifier.weight"]
+    loaded = keras.applications.DenseNet121(weights=str(out), include_top=False, input_shape=(64, 64, 3))
+    np.testing.assert_allclose(loaded.get_layer("conv5_block16_2_conv").get_weights()[0],
+                               state["features.denseblock4.denselayer16.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_allclose(loaded.get_layer("conv1_conv").get_weights()[0][:, :, 1],
+                               state["features.conv0.weight"][:, 0].transpose(1, 2, 0) / 3.0, rtol=1e-6)
+    assert main(["convert-weights", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "x.h5")]) == 2

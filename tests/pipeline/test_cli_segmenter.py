@@ -13,7 +13,7 @@ from pipeline.cli import main
 
 def test_train_writes_bundle(seg_model):
     side = json.loads((seg_model / "model.json").read_text())
-    assert side["kind"] == "segmenter" and side["meta"]["arch"] == "fc-densenet103"
+    assert side["kind"] == "segmenter" and side["meta"]["arch"] == "unet-mobilenetv2"
     assert side["meta"]["kind"] == "lesion"
     for name in ("model.keras", "splits.csv", "training_curves.png", "training_log.csv", "config.toml"):
         assert (seg_model / name).is_file()

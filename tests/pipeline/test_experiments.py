@@ -228,3 +228,20 @@ def test_annotation_loop_measures_drafts_and_both_segmenters(lesion_tree, tmp_pa
     tested = [json.loads((run / f"segmenter_{k}_eval" / "metrics.json").read_text())["n"] for k in ("draft", "expert")]
     assert tested[0] == tested[1] > 0  # the same held-out patients
     assert len(list((run / "masks" / "draft").iterdir())) == 20
+
+
+def test_protocol_table_puts_the_papers_number_beside_its_own_protocol_only():
+    from pipeline.experiments import classifier_comparison
+
+    def metrics(acc, n):
+        return {"n": n, "accuracy": {"value": acc, "ci95": [acc - 0.05, acc + 0.05]}, "macro": {"auc": {"value": 0.9}},
+                "per_class": {"covid": {"sensitivity": {"value": 0.8}, "support": n // 3}},
+                "per_member": {"vgg19": {"accuracy": {"value": acc - 0.1}}}}
+
+    published = [{"work": "Narin et al. 2020 [10]", "method": "ResNet50", "accuracy": "93.3 %", "source": "arXiv"}]
+    lines = classifier_comparison({"paper": (metrics(0.95, 480), 57), "patient": (metrics(0.80, 360), 0)}, published)
+    rows = [line for line in lines if line.startswith("| paper:") or line.startswith("| ours:")]
+    assert "| 57 | 0.992 (validation) |" in rows[0] and rows[1].endswith("| 0 |  |")
+    assert "| paper | vgg19 | 0.850" in "\n".join(lines) and "## Table III" in "\n".join(lines)
+    assert any(line.startswith("| Narin et al. 2020 [10] | ResNet50 |") for line in lines)
+    assert any(line.startswith("| this run (patient), scored images | ensemble | 120 | 240 | 0.800") for line in lines)
