@@ -146,6 +146,8 @@ def load_bundle(directory: str | os.PathLike[str], *, kind: str):
     """(keras model, sidecar) from a directory written by :func:`save_bundle`."""
     import keras
 
+    from data.runtime import layers  # noqa: F401  (registers the in-graph normalisation layers the models use)
+
     side = read_sidecar(directory, kind=kind)
     model = keras.saving.load_model(Path(directory) / MODEL_FILE, compile=False)
     return model, side

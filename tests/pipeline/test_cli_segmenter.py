@@ -138,3 +138,21 @@ def test_offline_train_segmenter_names_the_fix(seg_data, tmp_path, capsys, monke
                  "--kind", "lesion", "--out", str(tmp_path / "m2"), "--weights", str(tmp_path)]) == 2
     assert "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()  # a missing local file is found before anything is written
+
+
+def test_a_fresh_process_loads_and_scores_a_segmenter(seg_model, seg_data, tmp_path):
+    """Nothing of the builders is imported when `cxr evaluate-segmenter` starts: loading must still find the
+    models' own layers (a MobileNetV2 U-Net's input scaling once failed here with "Could not locate class")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [sys.executable, "-P", "-m", "pipeline.cli", "evaluate-segmenter", "--model", str(seg_model),
+            "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"), "--kind", "lesion",
+            "--bootstrap", "10", "--include-training", "--out", str(tmp_path / "e")]
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(args, capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == 8
