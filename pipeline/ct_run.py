@@ -36,7 +36,7 @@ from gradcam.masks import mask_overlay
 from pipeline.outputs import claim_output, describe_os_error, output_name, write_rows_csv
 
 CT_RESULT_COLUMNS = ("file", "source", "slices", "lesion_ml", "lung_ml", "lung_affected_pct", "lesion_ml_by_type",
-                     "lesion_px", "lung_source", "mask_volume", "strip")
+                     "lesion_px", "lung_source", "mask_volume", "lung_volume", "slices_csv", "strip")
 STRIP_SLICES = 5
 
 
@@ -200,8 +200,8 @@ def _write_volume(out: Path, rel: str, volume: CTVolume, seg: VolumeSegmentation
         files.update(mask_volume=folder / "mask.png", lung_volume=folder / "lung.png")
         write_bytes_atomic(out / files["mask_volume"], encode_png(seg.labels[0]))
         write_bytes_atomic(out / files["lung_volume"], encode_png(seg.lung[0].astype(np.uint8) * 255))
-    files["slices"] = folder / "slices.csv"
-    write_rows_csv(out / files["slices"], tuple(slices[0]), slices, sort_by=None)
+    files["slices_csv"] = folder / "slices.csv"
+    write_rows_csv(out / files["slices_csv"], tuple(slices[0]), slices, sort_by=None)
     return {"file": rel, **summary, **{k: v.as_posix() for k, v in files.items()}}
 
 

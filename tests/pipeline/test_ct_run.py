@@ -77,7 +77,8 @@ def test_ct_run_writes_aligned_mask_volumes_and_per_volume_figures(bright_segmen
         assert r["lesion_px"] == int(lesion.sum())
         assert r["lesion_ml"] == pytest.approx(lesion.sum() * voxel_ml, rel=1e-3)
         assert r["lung_source"] == "hu-threshold" and 0 < r["lung_affected_pct"] < 100
-        per_slice = list(csv.DictReader((out / r["slices"]).open()))
+        assert r["slices"] == 4
+        per_slice = list(csv.DictReader((out / r["slices_csv"]).open()))
         assert [int(s["lesion_px"]) for s in per_slice] == [int(v) for v in lesion.sum(axis=(1, 2))]
         assert (out / r["strip"]).stat().st_size > 0
     assert records["slice.png"]["lesion_ml"] is None and records["slice.png"]["lesion_px"] == SIZE * (SIZE - 31)
