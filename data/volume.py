@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data import spec
 from data.io import ImageReadError, read_image, sniff_format
 
 #: Lung window (centre, width) in HU: the default view of CT lesions (the slices of ../shared/data/ct).
@@ -245,6 +246,9 @@ def _nifti_bytes(img, gz: bool) -> bytes:
 
 
 def _is_dicom(path: Path) -> bool:
+    """A DICOM file by its content (series often come without a suffix); PNG/JPEG/… are not read."""
+    if path.suffix.lower() in spec.RASTER_SUFFIXES:
+        return False
     try:
         with path.open("rb") as handle:
             return sniff_format(handle.read(132)) == "dicom"
