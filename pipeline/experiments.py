@@ -300,12 +300,14 @@ def classifier_comparison(results: dict[str, tuple[dict[str, Any], int]], publis
         lines.append(f"| {PROTOCOL_TEXT[protocol]} | {m['n']} images | {ci_text(m['accuracy'])} | "
                      f"{ci_text(m['macro']['auc'])} | {ci_text(covid) if covid else ''} | {leaks} | {paper} |")
     lines += ["", "Leaks: patients or near-duplicate groups with images on both sides of the split. Under the "
-                  "paper's protocol the score is measured on the validation images that also chose the epoch "
-                  "count and weights; ours on patients the model never saw.", "",
-              "| protocol | member alone | accuracy (95 % CI) |", "|---|---|---|"]
-    for protocol, (m, _) in results.items():
-        for member, mm in m.get("per_member", {}).items():
-            lines.append(f"| {protocol} | {member} | {ci_text(mm['accuracy'])} |")
+                  "paper's protocol the score is measured on validation images that can share a patient with "
+                  "training images (and, with select_best or early stopping on, also chose the epoch); ours on "
+                  "patients the model never saw.", ""]
+    members = [(protocol, member, mm) for protocol, (m, _) in results.items()
+               for member, mm in m.get("per_member", {}).items()]
+    if members:  # soft vote only: a concatenated ensemble has no member heads
+        lines += ["| protocol | member alone | accuracy (95 % CI) |", "|---|---|---|"]
+        lines += [f"| {protocol} | {member} | {ci_text(mm['accuracy'])} |" for protocol, member, mm in members]
     for protocol, (m, _) in results.items():
         if "per_source" in m:
             lines += ["", f"Per source ({protocol}):", "", "| source | accuracy | n |", "|---|---|---|"]
