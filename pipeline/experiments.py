@@ -154,7 +154,9 @@ def reproduce(path: str | Path, out: str | Path | None = None, *, scale: str = "
     seeds = {"classifier": clf.seed if clf else None, "segmenter": seg.seed if seg else None}
     write_json(run / "run.json", {**run_metadata(resolved, seed=seeds["classifier"] or 0), "seeds": seeds,
                                   "scale": scale, "substituted": substituted})
-    lines = [f"# {exp.name}", "", exp.description, "", _scale_line(exp, scale), ""]
+    lines = [f"# {exp.name}", "", exp.description, ""]
+    if exp.task != "dataset":  # nothing is trained: the scale changes nothing
+        lines += [_scale_line(exp, scale), ""]
     lines += [f"- {s}" for s in substituted] + ([""] if substituted else [])
     ctx = _Context(exp, run, base, data, masks, _resolve(base, exp.manifest), _resolve(base, exp.splits), progress,
                    verbose)

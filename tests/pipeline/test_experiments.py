@@ -84,7 +84,8 @@ def test_comparison_prints_assumptions_and_the_scale(tmp_path):
                  'assumed = ["image_size: 224 because"]\nnotes = ["a note"]\n'.replace("{{", "{").replace("}}", "}"))
     md = (reproduce(p, tmp_path / "run") / "comparison.md").read_text()
     assert "| covid | 3 | 701 |" in md and "| total | 9 | 6571 |" in md
-    assert "**Scale: paper**" in md and "- image_size: 224 because" in md and "- a note" in md
+    assert "**Scale" not in md  # a dataset table trains nothing
+    assert "- image_size: 224 because" in md and "- a note" in md
 
 
 def test_the_paper_protocol_leaks_patients_and_ours_does_not(tmp_path):
