@@ -88,8 +88,8 @@ def segment_volume(volume: CTVolume, segmenter, lung_model=None, *, batch_size: 
             z = start + k
             res = segment_image(segmenter.maps_to_original(maps[k], geos[k]), segmenter,
                                 lung_maps[k] if lung_maps is not None else None)
-            for n, les in enumerate(res.lesions, start=1):
-                labels[z][res.instances == n] = types.index(les.type) + 1
+            lut = np.array([0] + [types.index(les.type) + 1 for les in res.lesions], np.uint8)
+            labels[z] = lut[res.instances]  # instance k → its type's label, in one pass
             if res.lung is not None:
                 lung[z] = res.lung
             else:
