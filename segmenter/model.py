@@ -15,7 +15,7 @@ from data.runtime.bundle import SIDECAR, BundleError, load_bundle
 from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
-from segmenter.schemes import channel_names
+from segmenter.schemes import channel_names, lesion_channels
 
 KIND = "segmenter"
 
@@ -59,13 +59,14 @@ class Segmenter(LoadedBundle):
 
     @property
     def lesion_types(self) -> tuple[str, ...]:
-        """The lesion channels: (kind,) for a one-lesion model, ("ggo", "consolidation") for lesion types."""
-        return tuple(c for c in self.channels if c not in ("background", "lung"))
+        """The lesion channels: (kind,) for a one-class model (a lung-field model's too), ("ggo",
+        "consolidation") for lesion types."""
+        return lesion_channels(self.classes, self.channels)
 
     @property
     def has_lung(self) -> bool:
-        """The model segments the lung field itself (a "lung-lesion*" scheme)."""
-        return "lung" in self.channels
+        """The model segments the lung field beside the lesions (a "lung-lesion*" scheme)."""
+        return self.classes != "binary" and "lung" in self.channels
 
     @property
     def class_kinds(self) -> dict[str, str]:

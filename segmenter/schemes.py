@@ -23,3 +23,11 @@ def channel_names(classes: str, kind: str) -> tuple[str, ...]:
         return (kind,)
     lesions = LESION_TYPES if classes.endswith("-types") else (kind,)
     return ("background", *lung, *lesions)
+
+
+def lesion_channels(classes: str, channels: tuple[str, ...]) -> tuple[str, ...]:
+    """The channels that are lesions: a "binary" model's one channel whatever its kind (a lung-field
+    model's "lung" too), else every softmax class but background and lung."""
+    if classes == "binary":
+        return tuple(channels)
+    return tuple(c for c in channels if c not in ("background", "lung"))

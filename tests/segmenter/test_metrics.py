@@ -134,3 +134,16 @@ def test_one_lesion_kind_keeps_its_name_and_a_given_lung_model_wins():
     res = segment_image(SegmenterMaps(prob, None, own_lung), seg, lung_prob=lung_model)
     assert [les.type for les in res.lesions] == ["infection"] and res.area_by_type == {"infection": 16}
     assert res.lung_affected_pct == pytest.approx(100 * 12 / 50)
+
+
+@pytest.mark.parametrize("classes, kind, lesions", [
+    ("binary", "infection", ("infection",)),
+    ("binary", "lung", ("lung",)),  # a lung-field model's one channel is what it predicts (bench_quality caught this)
+    ("lung-lesion", "infection", ("infection",)),
+    ("lesion-types", "infection", ("ggo", "consolidation")),
+    ("lung-lesion-types", "opacity", ("ggo", "consolidation")),
+])
+def test_the_predicted_channels_of_each_scheme(classes, kind, lesions):
+    from segmenter.schemes import channel_names, lesion_channels
+
+    assert lesion_channels(classes, channel_names(classes, kind)) == lesions
