@@ -209,20 +209,28 @@ def read_ct(path: str | os.PathLike[str]) -> CTVolume:
 
 
 def find_ct_inputs(root: str | os.PathLike[str]) -> list[Path]:
-    """Under ``root``: NIfTI files, folders of DICOM files (one series each) and slice images, sorted."""
-    from data.datasets import walk_images
-
-    root = Path(root)
+    """Under ``root``: NIfTI files, folders of DICOM files (one series each) and slice images, sorted;
+    one walk, which skips hidden entries and cxr output folders as data.datasets.walk_images does."""
     found: set[Path] = set()
-    for p in sorted(root.rglob("*")):
-        if any(part.startswith(".") for part in p.relative_to(root).parts):
-            continue
-        if p.is_file() and is_nifti(p):
+    for p in _files(root):
+        if is_nifti(p) or p.suffix.lower() in spec.RASTER_SUFFIXES:
             found.add(p)
-        elif p.is_file() and _is_dicom(p):
+        elif _is_dicom(p):
             found.add(p.parent)
-    found.update(p for p in walk_images(root) if not _is_dicom(p))
     return sorted(found)
+
+
+def _files(root: str | os.PathLike[str]):
+    """Every file below ``root`` in sorted order, without hidden entries or folders holding a cxr job's
+    outputs (their mask volumes must never be read back as inputs)."""
+    from data.datasets import OUTPUT_MARKER
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        if OUTPUT_MARKER in filenames:
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield from (Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
 
 
 def write_mask_volume(volume: CTVolume, canonical: np.ndarray, path: str | os.PathLike[str]) -> Path:
@@ -291,9 +299,7 @@ def detect_modality(root: str | os.PathLike[str]) -> str:
     """"ct" when ``root`` holds a NIfTI file or its first DICOM file says Modality CT, else "xray"."""
     import pydicom
 
-    for p in sorted(Path(root).rglob("*")):
-        if not p.is_file():
-            continue
+    for p in _files(root):
         if is_nifti(p):
             return "ct"
         if _is_dicom(p):

@@ -143,7 +143,7 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str]) ->
     src, out = Path(src), Path(out)
     if not out.name.endswith(".weights.h5"):
         raise ConvertError(f"{out}: name the output *.weights.h5 (Keras weights file)")
-    state = read_state_dict(src)
+    state = normalise_keys(read_state_dict(src))  # once: the conversion and the list of dropped tensors share it
     backbone = convert_densenet121(state, source=str(src))
     out.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_weights(out)
@@ -153,7 +153,7 @@ def convert_weights(src: str | os.PathLike[str], out: str | os.PathLike[str]) ->
         "input_scaling": XRV_SCALING, "input_scaling_formula": SCALINGS[XRV_SCALING],
         "first_conv": "one gray channel → three channels, each kernel / 3",
         # BatchNorm's step counters are bookkeeping, not weights
-        "dropped": sorted(k for k in normalise_keys(state) if k not in used and not k.endswith("num_batches_tracked")),
+        "dropped": sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked")),
         "weights_sha256": sha256_file(out),
     }
     write_json(sidecar_path(out), record)
