@@ -125,8 +125,8 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"], jit_compile=False)
     common = dict(size=size, batch_size=32, seed=0)
     t0 = time.perf_counter()
-    fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), **common),
-                 validation_data=make_dataset(val, **common), epochs=epochs, shuffle=False, verbose=0)
+    fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), cache=True, **common),
+                 validation_data=make_dataset(val, cache=True, **common), epochs=epochs, shuffle=False, verbose=0)
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in make_dataset(train, shuffle=True, **common)), max_batches=16)
     seconds = time.perf_counter() - t0
     xs, ys = [], []

@@ -245,16 +245,46 @@ def load_example(
     return x, (channels[0] if isinstance(mask_kind, str) else np.stack(channels, axis=-1))
 
 
+#: Bytes of decoded, preprocessed examples one stream keeps in memory (see :class:`_ExampleLoader`).
+#: 64 px examples take 48 KiB each, so a few thousand fit; at 224 px about 870 do, the rest are
+#: decoded again each epoch.
+DECODE_CACHE_BYTES = 512 * 2**20
+
+
 class _ExampleLoader:
     """Decode, preprocess and augment example ``i`` of ``records`` for a given epoch (numpy; shared by
-    the tf.data pipeline and :class:`RecordBatches`)."""
+    the tf.data pipeline and :class:`RecordBatches`).
 
-    def __init__(self, records, *, size, mode, clahe, augment_params, seed, mask_kind, failures) -> None:
+    With ``cache``, the preprocessed example (before augmentation, which is seeded per epoch), the
+    same every epoch, is kept read-only up to DECODE_CACHE_BYTES: later epochs skip the PNG decode
+    and resize, which otherwise take CPU from training on a small machine. Outputs are identical
+    with and without the cache.
+    """
+
+    def __init__(self, records, *, size, mode, clahe, augment_params, seed, mask_kind, failures,
+                 cache: bool = False) -> None:
         self.records, self.size, self.mode, self.clahe = records, size, mode, clahe
         self.augment_params, self.seed, self.mask_kind, self.failures = augment_params, seed, mask_kind, failures
         single = mask_kind is None or isinstance(mask_kind, str)
         self.mask_shape = (size, size) if single else (size, size, len(mask_kind))
         self.labels = np.array([spec.class_index(r.label) if r.label is not None else -1 for r in records], np.int32)
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.cache_room = DECODE_CACHE_BYTES if cache else 0
+
+    def _example(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        hit = self.cache.get(i)
+        if hit is not None:
+            return hit
+        x, y = load_example(self.records[i], size=self.size, mode=self.mode, clahe=self.clahe,
+                            mask_kind=self.mask_kind)
+        nbytes = x.nbytes + (0 if y is None else y.nbytes)
+        if nbytes <= self.cache_room:  # threads may race here; the worst case is one example over the budget
+            self.cache_room -= nbytes
+            for a in (x, y):
+                if a is not None:
+                    a.flags.writeable = False  # shared by every epoch: nothing may change it in place
+            self.cache[i] = (x, y)
+        return x, y
 
     def order(self, epoch: int, shuffle: bool) -> np.ndarray:
         if not shuffle:
@@ -262,9 +292,8 @@ class _ExampleLoader:
         return np.random.default_rng(_mix(self.seed, int(epoch))).permutation(len(self.records)).astype(np.int64)
 
     def __call__(self, i: int, epoch: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        rec = self.records[i]
         try:
-            x, y = load_example(rec, size=self.size, mode=self.mode, clahe=self.clahe, mask_kind=self.mask_kind)
+            x, y = self._example(i)
         except ImageReadError as err:
             self.failures.add(err.path, err.reason)
             return np.zeros((self.size, self.size, 3), np.float32), np.zeros(self.mask_shape, np.float32), False
@@ -296,13 +325,16 @@ def make_dataset(
     one_hot: bool = True,
     num_parallel_calls: int | None = None,
     drop_remainder: bool = False,
+    cache: bool = False,
 ):
     """A batched stream of ``records`` from disk, for ``fit``, ``predict`` or a plain ``for`` loop.
 
     Elements: (x float32 (B, size, size, 3) in [0, 255], y) where y is one-hot
     float32 (B, num_classes) for classification, or float32 (B, size, size, 1) in
     {0, 1} when ``mask_kind`` is set ((B, size, size, K) for a tuple of K kinds). Files that fail to decode are added to
-    ``failures`` and skipped. Nothing is held in memory beyond the prefetch buffer.
+    ``failures`` and skipped. Nothing is held in memory beyond the prefetch buffer, unless ``cache``
+    (for a stream read every epoch): then decoded examples are kept up to DECODE_CACHE_BYTES and
+    only augmentation runs again.
     Augmentation is seeded per (epoch, example), so a rerun repeats exactly.
 
     On the TensorFlow backend this is a prefetched ``tf.data.Dataset``; on the others (PyTorch,
@@ -319,7 +351,7 @@ def make_dataset(
         raise DatasetError("classification needs a label for every record; some have none")
     failures = failures if failures is not None else FailureLog()
     loader = _ExampleLoader(records, size=size, mode=mode, clahe=clahe, augment_params=augment_params, seed=seed,
-                            mask_kind=mask_kind, failures=failures)
+                            mask_kind=mask_kind, failures=failures, cache=cache)
     if keras.backend.backend() != "tensorflow":
         if drop_remainder:
             raise ValueError("drop_remainder is for tf.distribute, on the TensorFlow backend only")

@@ -235,10 +235,11 @@ def train_classifier(
     common = dict(size=settings.image_size, batch_size=settings.batch_size, mode=settings.resize_mode,
                   clahe=settings.clahe, failures=failures, seed=settings.seed)
     fit_common = {**common, "drop_remainder": dist is not None}
+    # read every epoch: decoded images are kept (data.datasets.DECODE_CACHE_BYTES), augmentation runs anew
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
-                            **fit_common)
-    val_ds = make_dataset(val, **common)  # every validation image: calibration below
-    fit_val_ds = make_dataset(val, **fit_common) if dist else val_ds
+                            cache=True, **fit_common)
+    val_ds = make_dataset(val, cache=True, **common)  # every validation image: calibration below
+    fit_val_ds = make_dataset(val, cache=True, **fit_common) if dist else val_ds
     with distribution_scope(dist), synchronized_batchnorm(model, dist):
         history, seconds = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw, n_train=len(train),
                                       out_dir=out_dir, verbose=verbose)

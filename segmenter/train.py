@@ -85,9 +85,10 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
                   clahe=settings.clahe, failures=failures, seed=settings.seed,
                   mask_kind=settings.kind if settings.classes == "binary" else settings.mask_kinds)
     fit_common = {**common, "drop_remainder": dist is not None}
+    # read every epoch: decoded images and masks are kept (data.datasets.DECODE_CACHE_BYTES)
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
-                            **fit_common)
-    val_ds = make_dataset(val, **fit_common)
+                            cache=True, **fit_common)
+    val_ds = make_dataset(val, cache=True, **fit_common)
     if settings.classes != "binary":
         train_ds, val_ds = train_ds.map(softmax_targets), val_ds.map(softmax_targets)
     with distribution_scope(dist), synchronized_batchnorm(model, dist):

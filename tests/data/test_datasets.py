@@ -151,3 +151,47 @@ def test_backend_neutral_stream_matches_tf_data(tmp_path):
     assert py_ds.epoch == 2 and len(failures) == 2 and failures.items[0][0].endswith("broken.png")
     (mx, my), = list(py_ds.map(lambda x, y: (x[:, :1], y * 2)))
     assert mx.shape == (6, 1, 32, 3) and my.max() == 2.0
+
+
+def test_decode_cache_changes_no_output_and_keeps_to_its_budget(tmp_path, monkeypatch):
+    """Later epochs reuse the decoded examples (augmented anew each epoch); the stream is the same
+    with the cache off, masks included; the cache stops growing at its byte budget."""
+    import data.datasets as datasets
+
+    d = make_tree(tmp_path / "d")
+    (tmp_path / "m" / "lesion").mkdir(parents=True)
+    for label in spec.CLASS_NAMES:
+        for i in range(2):
+            m = np.zeros((72, 64), np.uint8)
+            m[5 + 10 * i:30, 10:40] = 255
+            (tmp_path / "m" / "lesion" / f"{label}_{i}.png").write_bytes(png_bytes(m))
+    recs = pair_masks(load_records(d), tmp_path / "m")
+
+    def epochs(cache: bool):
+        ds = make_dataset(recs, size=32, batch_size=4, shuffle=True, augment_params=AugmentParams(), seed=2,
+                          mask_kind="lesion", cache=cache)
+        return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(3)]
+
+    cached, plain = epochs(True), epochs(False)
+    for e_cached, e_plain in zip(cached, plain):
+        for (cx, cy), (px, py) in zip(e_cached, e_plain, strict=True):
+            np.testing.assert_array_equal(cx, px)
+            np.testing.assert_array_equal(cy, py)
+    assert not np.array_equal(cached[0][0][0], cached[1][0][0])  # still a new augmentation each epoch
+
+    one = 32 * 32 * 3 * 4 + 32 * 32 * 4  # float32 image and mask at 32 px
+    monkeypatch.setattr(datasets, "DECODE_CACHE_BYTES", 2 * one)
+
+    def make_loader(cache: bool):
+        return datasets._ExampleLoader(recs, size=32, mode="stretch", clahe=False, augment_params=None, seed=0,
+                                       mask_kind="lesion", failures=FailureLog(), cache=cache)
+
+    one_pass = make_loader(False)
+    for i in range(len(recs)):
+        one_pass(i, 0)
+    assert not one_pass.cache  # a stream read once keeps nothing
+    loader = make_loader(True)
+    first = [loader(i, 0)[0] for i in range(len(recs))]
+    assert sorted(loader.cache) == [0, 1]  # two examples fill the budget; the other four are decoded each time
+    assert loader(0, 1)[0] is first[0] and not first[0].flags.writeable  # shared, so nothing may write to it
+    assert loader(5, 1)[0] is not first[5]
