@@ -184,7 +184,7 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
         pairs = [load_example(r, size=size, mask_kind=kind) for r in chunk]
         probs = res.segmenter.predict(np.stack([x for x, _ in pairs]))
         for r, (_, truth), prob in zip(chunk, pairs, probs):
-            s = segmentation_scores(truth > 0.5, prob >= settings.threshold)
+            s = segmentation_scores(truth > 0.5, prob >= res.segmenter.threshold)  # fitted on validation
             dice.append(s["dice"])
             iou.append(s["iou"])
             kept.append(r)

@@ -26,6 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": "adamw", "weight_decay": 0.01, "learning_rate": 1e-3, "lr_schedule": "cosine",
         "warmup_epochs": 1, "bn_momentum": 0.9, "bn_reestimate_batches": 16, "epochs": 30,
         "early_stopping_patience": 0,
+        # a short from-scratch run is not calibrated at 0.5: the cut is chosen on validation images
+        "threshold": "fit",
     },
 }
 
@@ -61,7 +63,7 @@ class SegmenterSettings(RecipeSettings):
     batch_size: int = 8
     epochs: int = 40
     augment: bool = True
-    threshold: float = 0.5
+    threshold: float | str = 0.5  # lesion probability cut, or "fit": chosen on validation (segmenter.train)
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
     modality: str = "xray"  # what the images are: "xray", or "ct" slices (shown in ct_window)
     ct_window_center: float = -600.0  # HU: the lung window of data.volume, how CT volumes are shown to the model
@@ -82,7 +84,10 @@ class SegmenterSettings(RecipeSettings):
             raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
         if self.ct_window_width <= 0:
             raise ValueError(f"ct_window_width must be > 0, got {self.ct_window_width}")
-        if not 0.0 < self.threshold < 1.0:
+        if isinstance(self.threshold, str):
+            if self.threshold != "fit":
+                raise ValueError(f'threshold must be a number in (0, 1) or "fit", got {self.threshold!r}')
+        elif not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.arch == "fc-densenet103" and self.weights not in (None, "none"):
             raise ValueError("fc-densenet103 has no pretrained weights; set weights = \"none\"")

@@ -16,6 +16,7 @@ from keras import ops
 
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset
+from data.masks import segmentation_scores
 from data.runtime.bundle import save_bundle
 from data.runtime.distribute import (
     check_fit_sizes,
@@ -27,6 +28,7 @@ from data.runtime.distribute import (
 from data.runtime.training import FitRecipe, fit_best, prepare_for_training, reestimate_batchnorm
 from segmenter.losses import get_loss
 from segmenter.model import KIND, Segmenter, load_segmenter
+from segmenter.schemes import lesion_channels
 from segmenter.settings import SegmenterSettings, build_segmenter
 
 
@@ -60,6 +62,43 @@ class SegmenterTrainResult:
     segmenter: Segmenter
     history: dict[str, list[float]]
     failures: list[tuple[str, str]]
+
+
+#: Lesion-probability cuts tried by ``threshold = "fit"``.
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, …, 0.90
+#: Fewer validation images than this keep the default cut: a handful cannot choose one.
+THRESHOLD_FIT_MIN_IMAGES = 20
+#: The cut used when there is nothing to fit on (the paper preset's value).
+DEFAULT_THRESHOLD = 0.5
+
+
+def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
+    """The cut of the lesion probability with the best mean per-image Dice (data.masks'
+    convention) over ``batches`` of (images, masks), validation images without augmentation.
+
+    ``predict`` maps an image batch to the model's (B, S, S, C) maps; the lesion probability is
+    the sum of the lesion channels and the truth the union of their masks, as at prediction
+    (segmenter.model). Ties go to the cut nearest 0.5. Returns the cut with the mean Dice it
+    reached and the mean Dice at 0.5; with fewer than THRESHOLD_FIT_MIN_IMAGES images, 0.5 and why.
+    """
+    lesion = [settings.channels.index(c) for c in lesion_channels(settings.classes, settings.channels)]
+    truth_of = lesion if settings.classes == "binary" else [i - 1 for i in lesion]  # masks skip background
+    dice = np.zeros(len(THRESHOLD_GRID))
+    n = 0
+    for x, y in batches:
+        prob = np.asarray(predict(np.asarray(x)), np.float32)[..., lesion].sum(axis=-1)
+        truth = np.asarray(y)[..., truth_of].max(axis=-1) > 0.5
+        for k, cut in enumerate(THRESHOLD_GRID):
+            dice[k] += sum(segmentation_scores(t, p >= cut)["dice"] for t, p in zip(truth, prob))
+        n += len(prob)
+    if n < THRESHOLD_FIT_MIN_IMAGES:
+        return {"threshold": DEFAULT_THRESHOLD, "n_val": n,
+                "why": f"kept {DEFAULT_THRESHOLD}: {n} validation image(s), fewer than {THRESHOLD_FIT_MIN_IMAGES}"}
+    mean = dice / n
+    best = max(range(len(THRESHOLD_GRID)), key=lambda k: (round(mean[k], 9), -abs(THRESHOLD_GRID[k] - 0.5)))
+    at_default = THRESHOLD_GRID.index(DEFAULT_THRESHOLD)
+    return {"threshold": THRESHOLD_GRID[best], "n_val": n, "val_dice": round(float(mean[best]), 4),
+            "val_dice_at_0.5": round(float(mean[at_default]), 4)}
 
 
 def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
@@ -97,8 +136,13 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     model = off_strategy(model, dist)
     plain = make_dataset(train, shuffle=True, **common)  # no augmentation
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
+    threshold_fit = None
+    if settings.threshold == "fit":
+        threshold_fit = fit_lesion_threshold(model.predict_on_batch, make_dataset(val, **common), settings)
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
-            "channels": list(settings.channels), "threshold": settings.threshold,
+            "channels": list(settings.channels),
+            "threshold": threshold_fit["threshold"] if threshold_fit else settings.threshold,
+            "threshold_fit": threshold_fit,
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
             "distribute": dist.record() if dist else None, "modality": settings.modality,
             "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}

@@ -1,0 +1,53 @@
+"""The lesion threshold chosen on validation images (``threshold = "fit"``, the scratch preset's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segmenter.settings import SegmenterSettings, with_preset
+from segmenter.train import THRESHOLD_FIT_MIN_IMAGES, fit_lesion_threshold
+
+
+def _batches(n: int, *, lesion_p: float, classes: int):
+    """n 8x8 images whose truth is the top half; the model gives ``lesion_p`` there and 0.1 elsewhere.
+    ``classes`` > 1: softmax-like maps (background, lung, lesion) and masks (lung, lesion)."""
+    truth = np.zeros((n, 8, 8), bool)
+    truth[:, :4] = True
+    prob = np.where(truth, lesion_p, 0.1).astype(np.float32)
+    if classes == 1:
+        maps, masks = prob[..., None], truth[..., None].astype(np.float32)
+    else:
+        lung = np.full_like(prob, 0.2)
+        maps = np.stack([1 - lung - prob, lung, prob], axis=-1)
+        masks = np.stack([np.ones_like(prob), truth.astype(np.float32)], axis=-1)  # lung everywhere
+    images = np.zeros((n, 8, 8, 3), np.float32)
+    return (lambda x: maps[: len(x)]), [(images[i:i + 5], masks[i:i + 5]) for i in range(0, n, 5)]
+
+
+@pytest.mark.parametrize("classes, settings", [
+    (1, SegmenterSettings(kind="infection", threshold="fit")),
+    (3, SegmenterSettings(kind="infection", classes="lung-lesion", loss="cce_dice", threshold="fit")),
+])
+def test_the_cut_that_separates_lesion_from_background_is_chosen(classes, settings):
+    predict, batches = _batches(25, lesion_p=0.3, classes=classes)
+    fit = fit_lesion_threshold(predict, batches, settings)
+    # every cut in (0.1, 0.3] gives Dice 1; above 0.3 nothing is found (Dice 0): the tie goes to 0.3, nearest 0.5
+    assert fit["threshold"] == 0.3 and fit["val_dice"] == 1.0
+    assert fit["val_dice_at_0.5"] == 0.0 and fit["n_val"] == 25
+
+
+def test_a_handful_of_validation_images_keeps_the_default_and_says_why():
+    predict, batches = _batches(THRESHOLD_FIT_MIN_IMAGES - 1, lesion_p=0.3, classes=1)
+    fit = fit_lesion_threshold(predict, batches, SegmenterSettings(threshold="fit"))
+    assert fit["threshold"] == 0.5 and "fewer than" in fit["why"]
+
+
+def test_threshold_setting_is_a_cut_or_fit():
+    assert SegmenterSettings(**with_preset({"weights": "none"})).threshold == "fit"  # scratch preset
+    assert SegmenterSettings(**with_preset({"weights": "none", "threshold": 0.4})).threshold == 0.4  # given wins
+    assert SegmenterSettings().threshold == 0.5  # the paper preset: unchanged
+    with pytest.raises(ValueError, match='"fit"'):
+        SegmenterSettings(threshold="best")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        SegmenterSettings(threshold=1.5)
