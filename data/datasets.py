@@ -278,7 +278,7 @@ class _ExampleLoader:
         x, y = load_example(self.records[i], size=self.size, mode=self.mode, clahe=self.clahe,
                             mask_kind=self.mask_kind)
         nbytes = x.nbytes + (0 if y is None else y.nbytes)
-        if nbytes <= self.cache_room:  # threads may race here; the worst case is one example over the budget
+        if nbytes <= self.cache_room:  # loader threads may race here: at worst one example each over the budget
             self.cache_room -= nbytes
             for a in (x, y):
                 if a is not None:
