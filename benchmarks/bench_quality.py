@@ -15,7 +15,7 @@ used by everything trained in this run:
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
 epochs in force are printed first. The default profile took about 87 minutes on the 2-core reference
-CPU (2026-11-26, stage by stage); ``--quick`` took 751 s (12.5 minutes) the same day. Results are
+CPU (2026-11-26, stage by stage); ``--quick`` took 566 s (9.4 minutes) later the same day, nothing else running. Results are
 written after each stage (``--json``), so an interrupted run keeps what it finished. Skips with a
 reason when the data folders are absent.
 """
@@ -191,7 +191,8 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
     pats = patient_ids(kept)
     return {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": len(train), "n_test": len(kept),
             "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
-            "train_seconds": round(seconds, 1), "train_img_per_s": round(len(train) * epochs / seconds, 2)}
+            "train_seconds": round(seconds, 1), "train_img_per_s": round(len(train) * epochs / seconds, 2),
+            "threshold": res.segmenter.threshold, "threshold_fit": res.segmenter.meta.get("threshold_fit")}
 
 
 def print_tables(result: dict) -> None:
@@ -205,11 +206,15 @@ def print_tables(result: dict) -> None:
         print(f"| {r['model']} | {ci_text(r['accuracy'])} | {sens} | {auc} | {r['ece']:.3f} | {src} | "
               f"{r['train_seconds']} | {r['train_img_per_s']} |")
     if result.get("segmenters"):
-        print("\n| segmenter | n train / test | Dice [95 % CI] | IoU [95 % CI] | train s | train img/s |")
-        print("|---|---|---|---|---|---|")
+        print("\n| segmenter | n train / test | Dice [95 % CI] | IoU [95 % CI] | threshold (val Dice there / at 0.5) "
+              "| train s | train img/s |")
+        print("|---|---|---|---|---|---|---|")
         for r in result["segmenters"]:
+            fit = r.get("threshold_fit") or {}
+            cut = f"{r.get('threshold', '-')}" + (f" ({fit['val_dice']:.3f} / {fit['val_dice_at_0.5']:.3f})"
+                                                  if "val_dice" in fit else "")
             print(f"| {r['model']} | {r['n_train']} / {r['n_test']} | {ci_text(r['dice'])} | {ci_text(r['iou'])} | "
-                  f"{r['train_seconds']} | {r['train_img_per_s']} |")
+                  f"{cut} | {r['train_seconds']} | {r['train_img_per_s']} |")
 
 
 def main(argv=None) -> int:
