@@ -15,9 +15,9 @@ used by everything trained in this run:
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
 epochs in force are printed first. The default profile took about 87 minutes on the 2-core reference
-CPU (2026-11-26, stage by stage); ``--quick`` took 566 s (9.4 minutes) later the same day, nothing else running. Results are
-written after each stage (``--json``), so an interrupted run keeps what it finished. Skips with a
-reason when the data folders are absent.
+CPU (2026-11-26, stage by stage, other jobs sharing the CPU); ``--quick`` took 566 s (9.4 minutes)
+later the same day, nothing else running. Results are written after each stage (``--json``), so an
+interrupted run keeps what it finished. Skips with a reason when the data folders are absent.
 """
 
 from __future__ import annotations
@@ -173,8 +173,12 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
     train, val, test = (select_split(with_mask, assignment, s) for s in ("train", "val", "test"))
     if max_train and len(train) > max_train:
         train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), max_train, replace=False))]
+    # Every X-ray has lungs, so the lung model's cut can be fitted on its validation images; the
+    # infection masks cover COVID images only, and a cut fitted there over-marks lesion-free lungs
+    # (README "Segmenters"), so the lesion model keeps the preset's 0.5.
+    threshold = "fit" if kind == "lung" else 0.5
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
-                                               "epochs": epochs, "batch_size": 16}))
+                                               "epochs": epochs, "batch_size": 16, "threshold": threshold}))
     t0 = time.perf_counter()
     res = train_segmenter(settings, train, val, workdir / f"seg_{kind}", verbose=0)
     seconds = time.perf_counter() - t0

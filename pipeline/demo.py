@@ -21,7 +21,7 @@ from data.datasets import SAMPLE_MASKS_DIR, SAMPLES_DIR, load_records, pair_mask
 from data.runtime.bundle import SIDECAR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEMO_VERSION = 4  # bump when the demo models would train differently
+DEMO_VERSION = 5  # bump when the demo models would train differently
 
 #: Demo models: trained from scratch ("scratch" preset) at 64 px in graph mode, sized so that a cold
 #: cache finishes on the 2-core reference CPU within 10 minutes (README: "cxr demo"). Measured on

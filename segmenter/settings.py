@@ -26,8 +26,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": "adamw", "weight_decay": 0.01, "learning_rate": 1e-3, "lr_schedule": "cosine",
         "warmup_epochs": 1, "bn_momentum": 0.9, "bn_reestimate_batches": 16, "epochs": 30,
         "early_stopping_patience": 0,
-        # a short from-scratch run is not calibrated at 0.5: the cut is chosen on validation images
-        "threshold": "fit",
     },
 }
 
@@ -63,7 +61,8 @@ class SegmenterSettings(RecipeSettings):
     batch_size: int = 8
     epochs: int = 40
     augment: bool = True
-    threshold: float | str = 0.5  # lesion probability cut, or "fit": chosen on validation (segmenter.train)
+    # lesion probability cut, or "fit": chosen on validation (segmenter.train; README "Segmenters" says when)
+    threshold: float | str = 0.5
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
     modality: str = "xray"  # what the images are: "xray", or "ct" slices (shown in ct_window)
     ct_window_center: float = -600.0  # HU: the lung window of data.volume, how CT volumes are shown to the model

@@ -1,4 +1,4 @@
-"""The lesion threshold chosen on validation images (``threshold = "fit"``, the scratch preset's)."""
+"""The lesion threshold chosen on validation images (``threshold = "fit"``, opt-in)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def test_a_handful_of_validation_images_keeps_the_default_and_says_why():
 
 
 def test_threshold_setting_is_a_cut_or_fit():
-    assert SegmenterSettings(**with_preset({"weights": "none"})).threshold == "fit"  # scratch preset
-    assert SegmenterSettings(**with_preset({"weights": "none", "threshold": 0.4})).threshold == 0.4  # given wins
-    assert SegmenterSettings().threshold == 0.5  # the paper preset: unchanged
+    assert SegmenterSettings(**with_preset({"weights": "none", "threshold": "fit"})).threshold == "fit"
+    assert SegmenterSettings(**with_preset({"weights": "none"})).threshold == 0.5  # opt-in: see the README
+    assert SegmenterSettings().threshold == 0.5
     with pytest.raises(ValueError, match='"fit"'):
         SegmenterSettings(threshold="best")
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
