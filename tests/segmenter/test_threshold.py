@@ -37,6 +37,29 @@ def test_the_cut_that_separates_lesion_from_background_is_chosen(classes, settin
     assert fit["val_dice_at_0.5"] == 0.0 and fit["n_val"] == 25
 
 
+def test_lesion_free_validation_images_do_not_push_the_cut_to_finding_nothing():
+    """Half the images have a lesion the model half finds (prob 0.7 on half of it); half are
+    lesion-free with a 2x2 false alarm at 0.7. The mean of per-image Dice would prefer a cut above
+    0.7 (0.5: every lesion-free image perfect, every lesion missed); pooled Dice keeps the lesions."""
+    truth = np.zeros((20, 8, 8), bool)
+    truth[:10, :4] = True
+    prob = np.full((20, 8, 8), 0.1, np.float32)
+    prob[:10, :2] = 0.7  # half of each lesion found
+    prob[10:, 6:, 6:] = 0.7  # a small false alarm on each lesion-free image
+    maps, masks = prob[..., None], truth[..., None].astype(np.float32)
+    batches = [(np.zeros((5, 8, 8, 3), np.float32), masks[i:i + 5]) for i in range(0, 20, 5)]
+    starts = iter(range(0, 20, 5))
+
+    def predict(x):
+        i = next(starts)
+        return maps[i:i + len(x)]
+
+    fit = fit_lesion_threshold(predict, batches, SegmenterSettings(threshold="fit"))
+    # cuts in (0.1, 0.7]: TP 160, FN 160, FP 40 -> 320 / 520; the tie goes to 0.5
+    # (the per-image mean is 0.33 there and 0.5 above 0.7)
+    assert fit["threshold"] == 0.5 and fit["val_dice"] == round(320 / 520, 4)
+
+
 def test_a_handful_of_validation_images_keeps_the_default_and_says_why():
     predict, batches = _batches(THRESHOLD_FIT_MIN_IMAGES - 1, lesion_p=0.3, classes=1)
     fit = fit_lesion_threshold(predict, batches, SegmenterSettings(threshold="fit"))
