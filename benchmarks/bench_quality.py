@@ -175,10 +175,10 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
         train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), max_train, replace=False))]
     # Every X-ray has lungs, so the lung model's cut can be fitted on its validation images; the
     # infection masks cover COVID images only, and a cut fitted there over-marks lesion-free lungs
-    # (README "Segmenters"), so the lesion model keeps the preset's 0.5.
-    threshold = "fit" if kind == "lung" else 0.5
+    # (README "Segmenters"), so the lesion model keeps the preset's cut.
+    fit = {"threshold": "fit"} if kind == "lung" else {}
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
-                                               "epochs": epochs, "batch_size": 16, "threshold": threshold}))
+                                               "epochs": epochs, "batch_size": 16, **fit}))
     t0 = time.perf_counter()
     res = train_segmenter(settings, train, val, workdir / f"seg_{kind}", verbose=0)
     seconds = time.perf_counter() - t0

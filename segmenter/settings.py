@@ -17,6 +17,9 @@ from segmenter.schemes import ARCHS, CLASS_SCHEMES, MODALITIES, channel_names
 from segmenter.tiramisu import build_fc_densenet103
 from segmenter.unet import build_unet
 
+#: The lesion-probability cut of both presets, and what ``threshold = "fit"`` keeps when it cannot fit.
+DEFAULT_THRESHOLD = 0.5
+
 #: Named recipes (as ensemble.train.PRESETS): "paper" is the dataclass defaults (Adam 1e-4, 40
 #: epochs, plateau LR); "scratch", the default whenever weights = "none", is what from-scratch
 #: training needs (data.runtime.training explains the BatchNorm part).
@@ -62,7 +65,7 @@ class SegmenterSettings(RecipeSettings):
     epochs: int = 40
     augment: bool = True
     # lesion probability cut, or "fit": chosen on validation (segmenter.train; README "Segmenters" says when)
-    threshold: float | str = 0.5
+    threshold: float | str = DEFAULT_THRESHOLD
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
     modality: str = "xray"  # what the images are: "xray", or "ct" slices (shown in ct_window)
     ct_window_center: float = -600.0  # HU: the lung window of data.volume, how CT volumes are shown to the model

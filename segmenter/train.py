@@ -29,7 +29,7 @@ from data.runtime.training import FitRecipe, fit_best, prepare_for_training, ree
 from segmenter.losses import get_loss
 from segmenter.model import KIND, Segmenter, load_segmenter
 from segmenter.schemes import lesion_channels
-from segmenter.settings import SegmenterSettings, build_segmenter
+from segmenter.settings import DEFAULT_THRESHOLD, SegmenterSettings, build_segmenter
 
 
 @keras.saving.register_keras_serializable(package="cxr")
@@ -68,30 +68,27 @@ class SegmenterTrainResult:
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, …, 0.90
 #: Fewer validation images than this keep the default cut: a handful cannot choose one.
 THRESHOLD_FIT_MIN_IMAGES = 20
-#: The cut used when there is nothing to fit on (the paper preset's value).
-DEFAULT_THRESHOLD = 0.5
-
 
 def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
     """The cut of the lesion probability with the best pooled Dice (2·TP / (2·TP + FP + FN), summed
-    over every pixel of ``batches`` of (images, masks), validation images without augmentation).
+    over every pixel of ``batches``: the validation stream of training, (images, targets) without
+    augmentation, targets with the model's channels).
 
     Pooled, not the mean of per-image Dice: under data.masks' empty-mask convention a lesion-free
     image scores 1 only with no lesion pixel at all, so where half the validation images are
     lesion-free the per-image mean prefers a cut that finds nothing anywhere (measured: 0.8–0.9 on
     the demo's data, Dice 0 on every COVID image). ``predict`` maps an image batch to the model's
     (B, S, S, C) maps; the lesion probability is the sum of the lesion channels and the truth the
-    union of their masks, as at prediction (segmenter.model). Ties go to the cut nearest 0.5.
-    Returns the cut with the pooled Dice there and at 0.5; with fewer than
-    THRESHOLD_FIT_MIN_IMAGES images, 0.5 and why.
+    union of their targets, as at prediction (segmenter.model). Ties go to the cut nearest
+    DEFAULT_THRESHOLD. Returns the cut with the pooled Dice there and at DEFAULT_THRESHOLD; with
+    fewer than THRESHOLD_FIT_MIN_IMAGES images, DEFAULT_THRESHOLD and why.
     """
     lesion = [settings.channels.index(c) for c in lesion_channels(settings.classes, settings.channels)]
-    truth_of = lesion if settings.classes == "binary" else [i - 1 for i in lesion]  # masks skip background
     counts = np.zeros((len(THRESHOLD_GRID), 3), np.int64)  # TP, FP, FN per cut
     n = 0
     for x, y in batches:
         prob = np.asarray(predict(np.asarray(x)), np.float32)[..., lesion].sum(axis=-1)
-        truth = np.asarray(y)[..., truth_of].max(axis=-1) > 0.5
+        truth = np.asarray(y)[..., lesion].max(axis=-1) > 0.5
         for k, cut in enumerate(THRESHOLD_GRID):
             counts[k] += confusion(truth, prob >= cut)
         n += len(prob)
@@ -100,10 +97,11 @@ def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
                 "why": f"kept {DEFAULT_THRESHOLD}: {n} validation image(s), fewer than {THRESHOLD_FIT_MIN_IMAGES}"}
     tp, fp, fn = counts.T
     dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
-    best = max(range(len(THRESHOLD_GRID)), key=lambda k: (round(dice[k], 9), -abs(THRESHOLD_GRID[k] - 0.5)))
+    best = max(range(len(THRESHOLD_GRID)),
+               key=lambda k: (round(dice[k], 9), -abs(THRESHOLD_GRID[k] - DEFAULT_THRESHOLD)))
     at_default = THRESHOLD_GRID.index(DEFAULT_THRESHOLD)
     return {"threshold": THRESHOLD_GRID[best], "n_val": n, "val_dice": round(float(dice[best]), 4),
-            "val_dice_at_0.5": round(float(dice[at_default]), 4), "criterion": "pooled Dice"}
+            f"val_dice_at_{DEFAULT_THRESHOLD}": round(float(dice[at_default]), 4), "criterion": "pooled Dice"}
 
 
 def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
@@ -132,18 +130,20 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     # read every epoch: decoded images and masks are kept (data.datasets.DECODE_CACHE_BYTES)
     train_ds = make_dataset(train, shuffle=True, augment_params=AugmentParams() if settings.augment else None,
                             cache=True, **fit_common)
-    val_ds = make_dataset(val, cache=True, **fit_common)
+    val_ds = make_dataset(val, cache=True, **common)  # every validation image: the threshold fit below
+    fit_val_ds = make_dataset(val, cache=True, **fit_common) if dist else val_ds
     if settings.classes != "binary":
         train_ds, val_ds = train_ds.map(softmax_targets), val_ds.map(softmax_targets)
+        fit_val_ds = fit_val_ds.map(softmax_targets) if dist else val_ds
     with distribution_scope(dist), synchronized_batchnorm(model, dist):
-        fitted = fit_best(model, train_ds, val_ds, recipe=recipe, n_train=len(train), loss=get_loss(settings.loss),
+        fitted = fit_best(model, train_ds, fit_val_ds, recipe=recipe, n_train=len(train), loss=get_loss(settings.loss),
                           metrics=[dice_coefficient], out_dir=out_dir, verbose=verbose)
     model = off_strategy(model, dist)
     plain = make_dataset(train, shuffle=True, **common)  # no augmentation
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     threshold_fit = None
     if settings.threshold == "fit":
-        threshold_fit = fit_lesion_threshold(model.predict_on_batch, make_dataset(val, **common), settings)
+        threshold_fit = fit_lesion_threshold(model.predict_on_batch, val_ds, settings)  # decoded once, cached
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
             "channels": list(settings.channels),
             "threshold": threshold_fit["threshold"] if threshold_fit else settings.threshold,

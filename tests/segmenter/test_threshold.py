@@ -11,7 +11,7 @@ from segmenter.train import THRESHOLD_FIT_MIN_IMAGES, fit_lesion_threshold
 
 def _batches(n: int, *, lesion_p: float, classes: int):
     """n 8x8 images whose truth is the top half; the model gives ``lesion_p`` there and 0.1 elsewhere.
-    ``classes`` > 1: softmax-like maps (background, lung, lesion) and masks (lung, lesion)."""
+    ``classes`` > 1: softmax-like maps and one-hot targets, both (background, lung, lesion)."""
     truth = np.zeros((n, 8, 8), bool)
     truth[:, :4] = True
     prob = np.where(truth, lesion_p, 0.1).astype(np.float32)
@@ -20,7 +20,8 @@ def _batches(n: int, *, lesion_p: float, classes: int):
     else:
         lung = np.full_like(prob, 0.2)
         maps = np.stack([1 - lung - prob, lung, prob], axis=-1)
-        masks = np.stack([np.ones_like(prob), truth.astype(np.float32)], axis=-1)  # lung everywhere
+        lesion = truth.astype(np.float32)
+        masks = np.stack([np.zeros_like(lesion), 1 - lesion, lesion], axis=-1)  # lung wherever no lesion
     images = np.zeros((n, 8, 8, 3), np.float32)
     return (lambda x: maps[: len(x)]), [(images[i:i + 5], masks[i:i + 5]) for i in range(0, n, 5)]
 
