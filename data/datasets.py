@@ -44,6 +44,12 @@ class Record:
     source: str = ""
     group_id: str = ""
     masks: dict[str, Path] = field(default_factory=dict, hash=False, compare=False)
+    #: mask kinds known to be empty without a file (:func:`mark_lesion_free`); a file in ``masks`` wins
+    empty_masks: frozenset[str] = field(default=frozenset(), hash=False, compare=False)
+
+    def has_mask(self, kind: str) -> bool:
+        """A ``kind`` mask is known: a file, or known to be empty."""
+        return kind in self.masks or kind in self.empty_masks
 
     @property
     def key(self) -> str:
@@ -215,6 +221,18 @@ def pair_masks(
     return [replace(r, masks=dict(index.get(r.path.stem, {}))) for r in records]
 
 
+def mark_lesion_free(records: Sequence[Record], kinds: Iterable[str]) -> list[Record]:
+    """``records`` with each lesion mask kind of ``kinds`` known to be empty where the image is
+    labelled lesion-free (data.spec.LESION_FREE_CLASSES: a normal X-ray) and has no such mask file;
+    other records unchanged. New records; the files in ``masks`` always win."""
+    kinds = frozenset(kinds)
+    out = []
+    for r in records:
+        empty = {k for k in kinds if k not in r.masks} if r.label in spec.LESION_FREE_CLASSES else set()
+        out.append(replace(r, empty_masks=r.empty_masks | empty) if empty - r.empty_masks else r)
+    return out
+
+
 def load_example(
     record: Record,
     *,
@@ -226,7 +244,8 @@ def load_example(
     """Decode and preprocess one record → (float32 (size, size, 3), mask or None).
 
     The mask is float32 (size, size) in {0, 1} for one kind, (size, size, K) for a tuple of K
-    kinds. Raises ImageReadError naming the image or mask file.
+    kinds; a kind in ``record.empty_masks`` without a file is all zeros. Raises ImageReadError
+    naming the image or mask file.
     """
     image = read_image(record.path)
     x, geo = preprocess_image(image, size=size, mode=mode, clahe=clahe)
@@ -236,6 +255,9 @@ def load_example(
     channels = []
     for kind in kinds:
         mpath = record.masks.get(kind)
+        if mpath is None and kind in record.empty_masks:
+            channels.append(np.zeros((size, size), np.float32))
+            continue
         if mpath is None:
             raise ImageReadError(record.path, f"no {kind!r} mask paired with this image")
         try:

@@ -15,6 +15,10 @@ NUM_CLASSES: Final[int] = len(CLASS_NAMES)
 #: Classes that send an image on to the segmenter (stage 2).
 SEGMENT_CLASSES: Final[tuple[str, ...]] = ("pneumonia", "covid")
 
+#: Classes whose X-rays show no lesion of any kind: their lesion masks are known to be empty
+#: (data.datasets.mark_lesion_free), so lesion segmenters can learn and be scored on lesion-free lungs.
+LESION_FREE_CLASSES: Final[tuple[str, ...]] = ("normal",)
+
 #: Default square side, in pixels, that images are brought to for stage 1.
 DEFAULT_IMAGE_SIZE: Final[int] = 224
 #: The paper's stage-2 (segmenter) input side.

@@ -13,12 +13,15 @@ from data.datasets import (
     SAMPLES_DIR,
     DatasetError,
     FailureLog,
+    load_example,
     load_records,
     make_dataset,
+    mark_lesion_free,
     pair_masks,
     read_manifest,
     scan_class_folders,
 )
+from data.io import ImageReadError
 from fakes import png_bytes, xray_like
 
 
@@ -73,6 +76,25 @@ def test_masks_pair_by_stem(tmp_path):
     assert [r.key for r in paired] == ["covid/covid_1.png"]
     with pytest.raises(DatasetError, match="available: lesion"):
         pair_masks(recs, tmp_path / "m", ["infection"])
+
+
+def test_normal_x_rays_are_known_lesion_free(tmp_path):
+    make_tree(tmp_path / "d")
+    (tmp_path / "m" / "lesion").mkdir(parents=True)
+    drawn = np.zeros((72, 64), np.uint8)
+    drawn[10:20, 10:20] = 255  # a mask file on a normal image wins over "known empty"
+    (tmp_path / "m" / "lesion" / "normal_1.png").write_bytes(png_bytes(drawn))
+    recs = mark_lesion_free(pair_masks(load_records(tmp_path / "d"), tmp_path / "m"), ["lesion"])
+    known = {r.key: r.has_mask("lesion") for r in recs}
+    assert known == {"normal/normal_0.png": True, "normal/normal_1.png": True, "pneumonia/pneumonia_0.png": False,
+                     "pneumonia/pneumonia_1.png": False, "covid/covid_0.png": False, "covid/covid_1.png": False}
+    by_key = {r.key: r for r in recs}
+    _, empty = load_example(by_key["normal/normal_0.png"], size=32, mask_kind="lesion")
+    assert empty.shape == (32, 32) and empty.dtype == np.float32 and not empty.any()
+    _, both = load_example(by_key["normal/normal_1.png"], size=32, mask_kind=("lesion", "lesion"))
+    assert both.shape == (32, 32, 2) and both.any()  # the file, not zeros
+    with pytest.raises(ImageReadError, match="no 'lesion' mask"):
+        load_example(by_key["covid/covid_0.png"], size=32, mask_kind="lesion")
 
 
 def test_bundled_sample_is_complete():
