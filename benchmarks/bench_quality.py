@@ -10,7 +10,8 @@ used by everything trained in this run:
   small CNN (four conv-conv-pool blocks) at the classifier's input size;
 * the ensemble, trained by the production trainer (``ensemble.train.train_classifier``, the
   "scratch" preset), each member alone and the soft vote;
-* the infection and lung U-Nets (``segmenter.train.train_segmenter``, "scratch" preset).
+* the infection and lung U-Nets (``segmenter.train.train_segmenter``, "scratch" preset: the infection
+  model also trains on lesion-free normal X-rays, and is scored on held-out ones for false alarms).
 
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
@@ -164,39 +165,60 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
 
 def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
                   max_train: int | None = None) -> dict:
+    """Train the ``kind`` U-Net with the scratch preset (lesion models also on lesion-free normal X-rays,
+    the cut fitted on validation) and score its held-out images: Dice/IoU on those with a ``kind``
+    mask; for a lesion kind, also the false alarms on held-out normal X-rays (share with a lesion
+    found; share of their drawn lung marked)."""
+    from data.datasets import mark_lesion_free
     from data.masks import segmentation_scores
     from pipeline.segmenter_jobs import mean_ci
+    from segmenter.metrics import lesion_instances
     from segmenter.settings import SegmenterSettings, with_preset
     from segmenter.train import train_segmenter
 
-    with_mask = [r for r in records if kind in r.masks]
-    train, val, test = (select_split(with_mask, assignment, s) for s in ("train", "val", "test"))
-    if max_train and len(train) > max_train:
-        train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), max_train, replace=False))]
-    # Every X-ray has lungs, so the lung model's cut can be fitted on its validation images; the
-    # infection masks cover COVID images only, and a cut fitted there over-marks lesion-free lungs
-    # (README "Segmenters"), so the lesion model keeps the preset's cut.
-    fit = {"threshold": "fit"} if kind == "lung" else {}
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
-                                               "epochs": epochs, "batch_size": 16, **fit}))
+                                               "epochs": epochs, "batch_size": 16}))
+    if settings.lesion_free:
+        records = mark_lesion_free(records, [kind])
+    usable = [r for r in records if r.has_mask(kind)]
+    train, val, test = (select_split(usable, assignment, s) for s in ("train", "val", "test"))
+    lesion_train = [r for r in train if kind in r.masks]
+    if max_train and len(lesion_train) > max_train:  # the cap counts lesion images; the trainer draws the rest
+        pick = set(np.random.default_rng(0).choice(len(lesion_train), max_train, replace=False).tolist())
+        keep = {lesion_train[i].key for i in pick}
+        train = [r for r in train if kind not in r.masks or r.key in keep]
     t0 = time.perf_counter()
     res = train_segmenter(settings, train, val, workdir / f"seg_{kind}", verbose=0)
     seconds = time.perf_counter() - t0
-    dice, iou, kept = [], [], []
+    seg = res.segmenter
+    dice, iou, kept, free = [], [], [], []
     for start in range(0, len(test), 16):
         chunk = test[start:start + 16]
         pairs = [load_example(r, size=size, mask_kind=kind) for r in chunk]
-        probs = res.segmenter.predict(np.stack([x for x, _ in pairs]))
+        probs = seg.predict(np.stack([x for x, _ in pairs]))
         for r, (_, truth), prob in zip(chunk, pairs, probs):
-            s = segmentation_scores(truth > 0.5, prob >= res.segmenter.threshold)  # fitted on validation
-            dice.append(s["dice"])
-            iou.append(s["iou"])
-            kept.append(r)
+            if kind in r.masks:
+                s = segmentation_scores(truth > 0.5, prob >= seg.threshold)
+                dice.append(s["dice"])
+                iou.append(s["iou"])
+                kept.append(r)
+            elif "lung" in r.masks:  # a lesion-free X-ray: what is marked on its (drawn) lung is a false alarm
+                _, lung = load_example(r, size=size, mask_kind="lung")
+                instances, found = lesion_instances(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
+                free.append((bool(found), 100.0 * float(((instances > 0) & (lung > 0.5)).sum()) / max(lung.sum(), 1.0),
+                             patient_ids([r])[0]))
     pats = patient_ids(kept)
-    return {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": len(train), "n_test": len(kept),
-            "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
-            "train_seconds": round(seconds, 1), "train_img_per_s": round(len(train) * epochs / seconds, 2),
-            "threshold": res.segmenter.threshold, "threshold_fit": res.segmenter.meta.get("threshold_fit")}
+    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": res.n_train,
+           "n_train_lesion_free": seg.sidecar["config"].get("n_train_lesion_free", 0), "n_test": len(kept),
+           "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
+           "train_seconds": round(seconds, 1), "train_img_per_s": round(res.n_train * epochs / seconds, 2),
+           "threshold": seg.threshold, "threshold_fit": seg.meta.get("threshold_fit")}
+    if free:
+        groups = [g for *_, g in free]
+        row["lesion_free_test"] = {
+            "n": len(free), "with_lesion_found": mean_ci([float(f) for f, _, _ in free], n_boot=n_boot, groups=groups),
+            "lung_marked_pct": mean_ci([p for _, p, _ in free], n_boot=n_boot, groups=groups)}
+    return row
 
 
 def print_tables(result: dict) -> None:
@@ -210,15 +232,19 @@ def print_tables(result: dict) -> None:
         print(f"| {r['model']} | {ci_text(r['accuracy'])} | {sens} | {auc} | {r['ece']:.3f} | {src} | "
               f"{r['train_seconds']} | {r['train_img_per_s']} |")
     if result.get("segmenters"):
-        print("\n| segmenter | n train / test | Dice [95 % CI] | IoU [95 % CI] | threshold (val Dice there / at 0.5) "
-              "| train s | train img/s |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| segmenter | n train (lesion-free) / test | Dice [95 % CI] | IoU [95 % CI] | threshold (val Dice "
+              "there / at 0.5) | normal test X-rays: with a lesion found; % of lung marked | train s | train img/s |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in result["segmenters"]:
             fit = r.get("threshold_fit") or {}
             cut = f"{r.get('threshold', '-')}" + (f" ({fit['val_dice']:.3f} / {fit['val_dice_at_0.5']:.3f})"
                                                   if "val_dice" in fit else "")
-            print(f"| {r['model']} | {r['n_train']} / {r['n_test']} | {ci_text(r['dice'])} | {ci_text(r['iou'])} | "
-                  f"{cut} | {r['train_seconds']} | {r['train_img_per_s']} |")
+            free = r.get("lesion_free_test")
+            alarms = (f"{ci_text(free['with_lesion_found'], 2)}; {ci_text(free['lung_marked_pct'], 1)} (n {free['n']})"
+                      if free else "-")
+            print(f"| {r['model']} | {r['n_train']} ({r.get('n_train_lesion_free', 0)}) / {r['n_test']} | "
+                  f"{ci_text(r['dice'])} | {ci_text(r['iou'])} | {cut} | {alarms} | {r['train_seconds']} | "
+                  f"{r['train_img_per_s']} |")
 
 
 def main(argv=None) -> int:

@@ -181,6 +181,10 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
         print(f"{c}: dice {api.ci_text(cm['dice'])}, iou {api.ci_text(cm['iou'])} (n {cm['n']})")
     if m["hd95"]["value"] is not None:
         print(f"hd95      {m['hd95']['value']:.1f} px (n {m['hd95']['n']})")
+    free = m.get("lesion_free")
+    if free:
+        print(f"lesion-free X-rays (n {free['n']}): a lesion found on {api.ci_text(free['with_lesion_found'])} "
+              f"of them; {free['marked_of']} marked {api.ci_text(free['marked_pct'], 1)} %")
     print(f"n = {m['n']}; wrote {Path(args.out) / 'metrics.json'} and gallery.png")
     return EXIT_SOME_FAILED if m["failures"] else EXIT_OK
 

@@ -21,7 +21,7 @@ from data.datasets import SAMPLE_MASKS_DIR, SAMPLES_DIR, load_records, pair_mask
 from data.runtime.bundle import SIDECAR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEMO_VERSION = 5  # bump when the demo models would train differently
+DEMO_VERSION = 6  # bump when the demo models would train differently
 
 #: Demo models: trained from scratch ("scratch" preset) at 64 px in graph mode, sized so that a cold
 #: cache finishes on the 2-core reference CPU within 10 minutes (README: "cxr demo"). Measured on
@@ -148,19 +148,24 @@ def _stratified(records, n: int) -> list:
 
 
 def _subset(records, kinds: tuple[str, ...], splits: Path | None) -> list:
-    """Up to SEGMENTER_IMAGES training images with a mask of each of ``kinds``, plus every validation
-    and test one (the job keeps to ``splits``)."""
+    """Up to SEGMENTER_IMAGES training images with a mask of each of ``kinds`` (the lesion kind first),
+    plus every validation and test one (the job keeps to ``splits``), plus the lesion-free X-rays
+    of those splits with the other masks (the trainer draws its share of them: "lesion_free")."""
     import numpy as np
 
+    from data.datasets import mark_lesion_free
     from data.splits import read_splits
 
-    with_mask = [r for r in records if all(k in r.masks for k in kinds)]
+    marked = mark_lesion_free(records, kinds[:1])
+    with_mask = [r for r in marked if all(r.has_mask(k) for k in kinds)]
     if splits is None:
         return with_mask
     assignment = read_splits(splits)
-    train = [r for r in with_mask if assignment.get(r.key) == "train"]
-    rest = [r for r in with_mask if assignment.get(r.key) in ("val", "test")]
+    lesion = [r for r in with_mask if kinds[0] in r.masks]
+    free = [r for r in with_mask if kinds[0] not in r.masks and assignment.get(r.key) in ("train", "val", "test")]
+    train = [r for r in lesion if assignment.get(r.key) == "train"]
+    rest = [r for r in lesion if assignment.get(r.key) in ("val", "test")]
     if len(train) > SEGMENTER_IMAGES:
         pick = np.random.default_rng(0).choice(len(train), SEGMENTER_IMAGES, replace=False)
         train = [train[i] for i in sorted(pick)]
-    return train + rest
+    return train + rest + free

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.datasets import DatasetError, FailureLog, Record
+from data.datasets import DatasetError, FailureLog, Record, mark_lesion_free
 from data.files import write_json
 from data.masks import SEGMENTATION_SCORES
 from data.splits import read_splits, select_split
@@ -52,14 +52,17 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
-    with_mask = [r for r in records if all(k in r.masks for k in settings.mask_kinds)]
+    if settings.lesion_free:  # normal X-rays join as lesion-free images (segmenter.train draws them)
+        records = mark_lesion_free(records, settings.lesion_kinds)
+    with_mask = [r for r in records if all(r.has_mask(k) for k in settings.mask_kinds)]
     if len(with_mask) < 3:
         raise DatasetError(f"only {len(with_mask)} image(s) have {' and '.join(settings.mask_kinds)} masks; "
                            "check --masks and --kind")
     run = run_training_job(with_mask, out, settings, train_segmenter, splits=splits, allow_leaks=allow_leaks,
                            progress=progress, verbose=verbose, what=f" with {settings.kind!r} masks",
                            fix=" (add masks or pass --splits)")
-    return SegTrainJobResult(run.out, run.result.history, len(run.train), len(run.val), run.result.failures,
+    # the trainer's counts: it draws its share of the lesion-free images from the split's
+    return SegTrainJobResult(run.out, run.result.history, run.result.n_train, run.result.n_val, run.result.failures,
                              run.seconds)
 
 
@@ -97,17 +100,24 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     gallery.png. Without ``splits``, images the bundle trained or validated on are left out unless
     ``include_training`` (see pipeline.common.held_out_records).
 
+    The scores are over the images with a ``kind`` mask. For a lesion kind, labelled lesion-free X-rays
+    without one (data.datasets.mark_lesion_free: normal ones) are scored apart, as false alarms
+    (metrics["lesion_free"]): the share of them with a lesion found, and the share of lung (else of
+    the image) marked.
+
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
     from data.masks import confusion, segmentation_scores
     from segmenter.metrics import hausdorff95
-    from segmenter.model import class_masks, load_segmenter
+    from segmenter.model import class_masks, load_segmenter, segment_image
 
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
     kind = kind or seg.kind
     out = prepare_output_dir(out, marker="metrics.json")
-    records = [r for r in records if kind in r.masks]
+    if kind != seg.lung_kind:
+        records = mark_lesion_free(records, [kind])
+    records = [r for r in records if r.has_mask(kind)]
     if splits is not None:
         records = select_split(records, read_splits(splits), split)
         scope: dict[str, Any] = {"scored": f"split {split!r} of {splits}", "excluded_training_images": 0}
@@ -120,8 +130,14 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     examples = []
     classes = seg.class_kinds if len(seg.channels) > 2 else {}  # several classes: each scored on its own
     per_class: dict[str, list[tuple[dict[str, float], str]]] = {c: [] for c in classes}
+    free: list[tuple[bool, float, str]] = []  # lesion-free images: (a lesion found, % marked, patient)
     for i, _, maps, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
         prob = maps.lesion
+        if kind not in records[i].masks:  # known lesion-free
+            found = segment_image(maps, seg)
+            pct = found.lung_affected_pct if found.lung_affected_pct is not None else 100.0 * found.mask.mean()
+            free.append((bool(found.lesions), float(pct), patient_ids([records[i]])[0]))
+            continue
         truth = read_mask_of(records[i].masks[kind], prob.shape, failures)
         if truth is None:
             continue
@@ -141,7 +157,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         if len(examples) < gallery:
             examples.append((records[i].key, orig, truth, pred))
     if not rows:
-        raise DatasetError("no image could be evaluated; see failures.csv")
+        raise DatasetError(f"no image with a {kind!r} mask could be evaluated; see failures.csv")
     tp, fp, fn = (int(v) for v in tp_fp_fn)
     patients = [r.pop("_patient") for r in rows]
     metrics: dict[str, Any] = {k: mean_ci([r[k] for r in rows], n_boot=n_boot,
@@ -153,6 +169,13 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
                 **{k: mean_ci([sc[k] for sc, _ in found], n_boot=n_boot, groups=[g for _, g in found])
                    for k in ("dice", "iou")}}
             for c, found in per_class.items()}
+    if free:
+        groups = [g for _, _, g in free]
+        metrics["lesion_free"] = {
+            "n": len(free), "what": "labelled lesion-free X-rays (no lesion mask): false alarms",
+            "with_lesion_found": mean_ci([float(f) for f, _, _ in free], n_boot=n_boot, groups=groups),
+            "marked_pct": mean_ci([p for _, p, _ in free], n_boot=n_boot, groups=groups),
+            "marked_of": "lung" if seg.has_lung else "image"}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}

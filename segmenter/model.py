@@ -74,8 +74,13 @@ class Segmenter(LoadedBundle):
         trained on (evaluation reads the same kind)."""
         out = {t: t for t in self.lesion_types}
         if self.has_lung:
-            out["lung"] = self.sidecar.get("config", {}).get("lung_kind", "lung")
+            out["lung"] = self.lung_kind
         return out
+
+    @property
+    def lung_kind(self) -> str:
+        """The mask kind of the lung field it was trained with (a lung-field model's own kind)."""
+        return self.sidecar.get("config", {}).get("lung_kind", "lung")
 
     def predict_maps(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) float32 in [0, 255] → (N, S, S, C) float32, one probability map per

@@ -15,7 +15,7 @@ import numpy as np
 from keras import ops
 
 from data.augment import AugmentParams
-from data.datasets import FailureLog, Record, make_dataset
+from data.datasets import FailureLog, Record, make_dataset, mark_lesion_free
 from data.masks import confusion
 from data.runtime.bundle import save_bundle
 from data.runtime.distribute import (
@@ -62,6 +62,8 @@ class SegmenterTrainResult:
     segmenter: Segmenter
     history: dict[str, list[float]]
     failures: list[tuple[str, str]]
+    n_train: int = 0  # images trained and validated on, lesion-free ones included
+    n_val: int = 0
 
 
 #: Lesion-probability cuts tried by ``threshold = "fit"``.
@@ -104,13 +106,35 @@ def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
             f"val_dice_at_{DEFAULT_THRESHOLD}": round(float(dice[at_default]), 4), "criterion": "pooled Dice"}
 
 
+def with_lesion_free(records: Sequence[Record], settings: SegmenterSettings) -> list[Record]:
+    """The records with every mask kind the model trains on, with lesion-free X-rays as
+    ``settings.lesion_free`` asks: at most that many per lesion image, drawn with the seed, in
+    ``records``' order (data.datasets.mark_lesion_free says which images are lesion-free)."""
+    if settings.lesion_free:
+        records = mark_lesion_free(records, settings.lesion_kinds)
+    usable = [r for r in records if all(r.has_mask(k) for k in settings.mask_kinds)]
+    free = [i for i, r in enumerate(usable) if not any(k in r.masks for k in settings.lesion_kinds)]
+    if not settings.lesion_kinds or not free:
+        return usable
+    room = int(settings.lesion_free * (len(usable) - len(free)))
+    drop = set(free)
+    if room > 0:
+        drop -= set(np.random.default_rng(settings.seed).choice(free, min(room, len(free)), replace=False).tolist())
+    return [r for i, r in enumerate(usable) if i not in drop]
+
+
+def lesion_free_count(records: Sequence[Record], settings: SegmenterSettings) -> int:
+    """How many of ``records`` are lesion-free images (no lesion mask file, known empty)."""
+    return sum(1 for r in records if settings.lesion_kinds and not any(k in r.masks for k in settings.lesion_kinds))
+
+
 def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
                     *, verbose: int | None = None) -> SegmenterTrainResult:
-    """Train on records that carry a ``settings.kind`` mask, keep the best val-loss epoch, save."""
+    """Train on records that carry every mask kind of ``settings`` (with lesion-free X-rays as
+    ``settings.lesion_free`` asks: :func:`with_lesion_free`), keep the best val-loss epoch, save."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train = [r for r in train if all(k in r.masks for k in settings.mask_kinds)]
-    val = [r for r in val if all(k in r.masks for k in settings.mask_kinds)]
+    train, val = (with_lesion_free(records, settings) for records in (train, val))
     if not train or not val:
         raise ValueError(f"need {' and '.join(settings.mask_kinds)} masks in both splits; "
                          f"found {len(train)} train, {len(val)} val")
@@ -151,6 +175,8 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
             "distribute": dist.record() if dist else None, "modality": settings.modality,
             "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}
-    config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val)}
+    config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val),
+              "n_train_lesion_free": lesion_free_count(train, settings),
+              "n_val_lesion_free": lesion_free_count(val, settings)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
-    return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items))
+    return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items), len(train), len(val))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from data.runtime.bundle import BundleError
-from fakes import png_bytes
+from fakes import png_bytes, xray_like
 from pipeline.cli import main
 
 
@@ -42,6 +43,26 @@ def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
         assert 0.0 <= lo <= m[k]["value"] <= hi <= 1.0
     assert (out / "gallery.png").stat().st_size > 0
     assert (out / "per_image.csv").read_text().count("\n") == 9
+
+
+def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for label in ("covid", "pneumonia"):
+        shutil.copytree(seg_data / "images" / label, images / label)
+    (images / "normal").mkdir()
+    for i in range(3):  # no lesion mask: known lesion-free, so never in the Dice of the 8 lesion images
+        (images / "normal" / f"n{i}.png").write_bytes(png_bytes(xray_like(72, 64, seed=500 + i)))
+    out = tmp_path / "e"
+    assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(images), "--masks",
+                 str(seg_data / "masks"), "--kind", "lesion", "--bootstrap", "50", "--include-training",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    free = m["lesion_free"]
+    assert m["n"] == 8 and free["n"] == 3 and free["marked_of"] == "image"
+    assert free["with_lesion_found"]["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert 0.0 <= free["marked_pct"]["value"] <= 100.0
+    assert "lesion-free X-rays (n 3)" in capsys.readouterr().out
 
 
 def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):

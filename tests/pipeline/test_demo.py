@@ -61,7 +61,7 @@ def test_demo_never_trains_on_the_bundled_samples_or_their_patients(shared):
     assert "without the 9 bundled samples" in description
 
 
-def test_segmenter_subset_has_both_masks_and_keeps_to_the_cap(shared, tmp_path, monkeypatch):
+def test_segmenter_subset_has_both_masks_keeps_to_the_cap_and_adds_lesion_free_lungs(shared, tmp_path, monkeypatch):
     records, *_ = demo._training_records()
     with_both = [r for r in records if {"infection", "lung"} <= set(r.masks)]
     assert len(with_both) == 7  # s0 and l0..l5; l6 (infection only) and l7, s1 (lung only) are left out
@@ -70,8 +70,10 @@ def test_segmenter_subset_has_both_masks_and_keeps_to_the_cap(shared, tmp_path, 
     write_splits(splits, records, assignment, {r.key: r.key for r in records})
     monkeypatch.setattr(demo, "SEGMENTER_IMAGES", 3)
     subset = demo._subset(records, ("infection", "lung"), splits)
-    assert all({"infection", "lung"} <= set(r.masks) for r in subset)
-    train = [r for r in subset if assignment[r.key] == "train"]
+    assert all(r.has_mask("infection") and "lung" in r.masks for r in subset)
+    free = [r for r in subset if "infection" not in r.masks]  # known lesion-free: a normal X-ray with lungs
+    assert [(r.path.name, r.label) for r in free] == [("s1.png", "normal")]  # l7: COVID, no lesion mask, left out
+    train = [r for r in subset if assignment[r.key] == "train" and "infection" in r.masks]
     assert len(train) == 3 and with_both[0] in subset  # capped training images, every held-out one kept
     assert demo._subset(records, ("infection", "lung"), splits) == subset  # seeded: the same draw each time
 

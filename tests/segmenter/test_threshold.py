@@ -1,4 +1,4 @@
-"""The lesion threshold chosen on validation images (``threshold = "fit"``, opt-in)."""
+"""The lesion threshold chosen on validation images (``threshold = "fit"``, the scratch preset's)."""
 
 from __future__ import annotations
 
@@ -68,8 +68,11 @@ def test_a_handful_of_validation_images_keeps_the_default_and_says_why():
 
 
 def test_threshold_setting_is_a_cut_or_fit():
-    assert SegmenterSettings(**with_preset({"weights": "none", "threshold": "fit"})).threshold == "fit"
-    assert SegmenterSettings(**with_preset({"weights": "none"})).threshold == 0.5  # opt-in: see the README
+    scratch = SegmenterSettings(**with_preset({"weights": "none"}))
+    assert scratch.threshold == "fit" and scratch.lesion_free == 0.5  # together: see segmenter.settings.PRESETS
+    assert SegmenterSettings(**with_preset({"weights": "none", "threshold": 0.4})).threshold == 0.4
+    paper = SegmenterSettings(**with_preset({"weights": "imagenet"}))
+    assert paper.preset == "paper" and paper.threshold == 0.5 and paper.lesion_free == 0.0  # unchanged
     assert SegmenterSettings().threshold == 0.5
     with pytest.raises(ValueError, match='"fit"'):
         SegmenterSettings(threshold="best")
