@@ -164,7 +164,7 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
 
 
 def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
-                  max_train: int | None = None) -> dict:
+                  max_train: int | None = None, overrides: dict | None = None) -> dict:
     """Train the ``kind`` U-Net with the scratch preset (lesion models also on lesion-free normal X-rays,
     the cut fitted on validation) and score its held-out images: Dice/IoU on those with a ``kind``
     mask; for a lesion kind, also the false alarms on held-out normal X-rays (share with a lesion
@@ -177,8 +177,8 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
     from segmenter.train import train_segmenter
 
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
-                                               "epochs": epochs, "batch_size": 16}))
-    if settings.lesion_free:
+                                               "epochs": epochs, "batch_size": 16, **(overrides or {})}))
+    if settings.lesion_kinds:  # held-out normals are scored for false alarms whatever lesion_free is
         records = mark_lesion_free(records, [kind])
     usable = [r for r in records if r.has_mask(kind)]
     train, val, test = (select_split(usable, assignment, s) for s in ("train", "val", "test"))
@@ -262,10 +262,13 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a classifier setting over the scratch preset, as TOML "
                          "(e.g. learning_rate=3e-3, augment=false)")
+    ap.add_argument("--seg-set", dest="seg_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of both segmenters over the scratch preset, as TOML (e.g. lesion_free=0)")
     args = ap.parse_args(argv)
     import tomllib
 
     overrides = tomllib.loads("\n".join(args.overrides))
+    seg_overrides = tomllib.loads("\n".join(args.seg_overrides))
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
@@ -286,6 +289,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         train = [train[i] for i in sorted(rng.choice(len(train), profile["max_train"], replace=False))]
     result = {"settings": {**profile, "members": list(profile["members"]), "overrides": overrides,
+                           "segmenter_overrides": seg_overrides,
                            "data": [str(d) for d in args.data],
                            "n_train": len(train), "n_val": len(val), "n_test": len(test),
                            "test_patients": len(set(patient_ids(test))), "keras": keras.__version__,
@@ -322,7 +326,8 @@ def main(argv=None) -> int:
                 continue
             try:
                 row = segmenter_row(usable, assignment, kind=kind, size=profile["seg_size"], epochs=epochs,
-                                    n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"])
+                                    n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"],
+                                    overrides=seg_overrides)
             except (ValueError, DatasetError) as err:
                 print(f"[{kind}] skipped: {err}")
                 continue

@@ -164,7 +164,11 @@ def _cmd_train_segmenter(args: argparse.Namespace) -> int:
                               overrides=overrides, splits=args.splits, allow_leaks=args.allow_leaks,
                               progress=_progress("hashing"))
     best = min(res.history.get("val_loss", [float("nan")]))
-    print(f"trained in {res.seconds:.0f} s on {res.n_train} images (val {res.n_val}); best val_loss {best:.4f}")
+    print(f"trained in {res.seconds:.0f} s on {res.n_train} images ({res.n_train_lesion_free} lesion-free; "
+          f"val {res.n_val}); best val_loss {best:.4f}")
+    if res.lesion_free_asked and not res.n_train_lesion_free:
+        print("note: no lesion-free X-ray among the training images (a normal one, by class folder or manifest "
+              "label, with the other masks the model needs), so the model saw lesion images only")
     print(f"model: {res.out}")
     return _print_failures("skipped", res.failures)
 

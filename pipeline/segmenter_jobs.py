@@ -34,6 +34,8 @@ class SegTrainJobResult:
     n_val: int
     failures: list[tuple[str, str]]
     seconds: float
+    n_train_lesion_free: int = 0
+    lesion_free_asked: bool = False  # the settings asked for lesion-free images (lesion_free > 0)
 
 
 def train_segmenter_job(records: Sequence[Record], out, *, config=None, overrides: dict[str, Any] | None = None,
@@ -63,7 +65,7 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
                            fix=" (add masks or pass --splits)")
     # the trainer's counts: it draws its share of the lesion-free images from the split's
     return SegTrainJobResult(run.out, run.result.history, run.result.n_train, run.result.n_val, run.result.failures,
-                             run.seconds)
+                             run.seconds, run.result.n_train_lesion_free, bool(settings.lesion_free))
 
 
 def mean_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0,

@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD = 0.5
 #: epochs, plateau LR, cut 0.5, lesion images only); "scratch", the default whenever weights = "none",
 #: is what from-scratch training needs (data.runtime.training explains the BatchNorm part), with
 #: lesion-free X-rays and the cut fitted on validation. Measured on the demo's split (lung-lesion
-#: MobileNetV2 U-Net, 64 px, 400 lesion images, 71 COVID and 69 normal held-out X-rays): lesion images
+#: MobileNetV2 U-Net, 64 px, 304 lesion images, 71 COVID and 69 normal held-out X-rays): lesion images
 #: only at 0.5 gave lesion Dice 0.575 with 21.9 % of normal lungs marked; with lesion_free 0.5 (152
 #: normals) the fitted cut 0.25 gave 0.615 with 24.0 %, and lung Dice 0.870 -> 0.896. At equal
 #: marking of normal lungs the lesion-free model is the better one along the whole cut range

@@ -64,6 +64,7 @@ class SegmenterTrainResult:
     failures: list[tuple[str, str]]
     n_train: int = 0  # images trained and validated on, lesion-free ones included
     n_val: int = 0
+    n_train_lesion_free: int = 0
 
 
 #: Lesion-probability cuts tried by ``threshold = "fit"``.
@@ -179,4 +180,5 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
               "n_train_lesion_free": lesion_free_count(train, settings),
               "n_val_lesion_free": lesion_free_count(val, settings)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
-    return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items), len(train), len(val))
+    return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items), len(train), len(val),
+                                config["n_train_lesion_free"])

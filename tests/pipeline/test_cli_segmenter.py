@@ -119,6 +119,8 @@ def test_lesion_type_head_gives_lung_field_and_typed_lesions(seg_data, tmp_path,
     assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(masks), "--kind", "lesion",
                  "--arch", "unet-mobilenetv2", "--classes", "lung-lesion-types", "--out", str(out),
                  "--config", str(cfg)]) == 0
+    trained = capsys.readouterr().out  # the scratch preset asks for lesion-free images; this set has no normal one
+    assert "(0 lesion-free;" in trained and "the model saw lesion images only" in trained
     seg = load_segmenter(out)
     assert seg.channels == ("background", "lung", "ggo", "consolidation") and seg.meta["arch"] == "unet-mobilenetv2"
     maps = seg.predict_maps(np.full((2, 64, 64, 3), 120.0, np.float32))
