@@ -15,9 +15,9 @@ used by everything trained in this run:
 
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
-epochs in force are printed first. The default profile took about 87 minutes on the 2-core reference
-CPU (2026-11-26, stage by stage, other jobs sharing the CPU); ``--quick`` took 566 s (9.4 minutes)
-later the same day, nothing else running. Results are written after each stage (``--json``), so an
+epochs in force are printed first. The default profile took 66 minutes on the 2-core reference CPU
+(2026-11-26, nothing else running: RF 4 s, small CNN 384 s, members 685 / 346 / 1,578 s, U-Nets
+508 + 269 s); ``--quick`` took 590 s the same day. Results are written after each stage (``--json``), so an
 interrupted run keeps what it finished. Skips with a reason when the data folders are absent.
 """
 
@@ -47,10 +47,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cxr", SHARED / "large" / "cxr"]
 DEFAULT_MASKS = [SHARED / "cxr_masks", SHARED / "large" / "cxr_masks"]
 
-#: (default, --quick) settings; each fits its time budget on the 2-core reference CPU.
+#: (default, --quick) settings; each fits its time budget on the 2-core reference CPU. The default was
+#: 10 member epochs and a 300-image U-Net cap while other jobs shared the CPU (87 min); measured alone
+#: the members train about twice as fast, so it now takes 16 epochs and 600 images (66 min).
 PROFILES = {
-    "default": dict(size=64, epochs=10, max_train=None, seg_size=64, seg_epochs=8, lung_epochs=4,
-                    seg_max_train=300, cnn_epochs=15, members=("densenet121", "efficientnetb0", "vgg19")),
+    "default": dict(size=64, epochs=16, max_train=None, seg_size=64, seg_epochs=10, lung_epochs=4,
+                    seg_max_train=600, cnn_epochs=16, members=("densenet121", "efficientnetb0", "vgg19")),
     "quick": dict(size=64, epochs=3, max_train=400, seg_size=64, seg_epochs=4, lung_epochs=2,
                   seg_max_train=150, cnn_epochs=6, members=("densenet121", "efficientnetb0", "vgg19")),
 }

@@ -62,7 +62,7 @@ class SegmenterTrainResult:
     segmenter: Segmenter
     history: dict[str, list[float]]
     failures: list[tuple[str, str]]
-    n_train: int = 0  # images trained and validated on, lesion-free ones included
+    n_train: int = 0  # images trained on, and validated on (n_val); lesion-free ones included
     n_val: int = 0
     n_train_lesion_free: int = 0
 
