@@ -189,7 +189,7 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
     if free:
         print(f"lesion-free X-rays (n {free['n']}): a lesion found on {api.ci_text(free['with_lesion_found'])} "
               f"of them; {free['marked_of']} marked {api.ci_text(free['marked_pct'], 1)} %")
-    print(f"n = {m['n']}; wrote {Path(args.out) / 'metrics.json'} and gallery.png")
+    print(f"n = {m['n']}; wrote {Path(args.out) / 'metrics.json'}, cut_sweep.csv (every cut) and gallery.png")
     return EXIT_SOME_FAILED if m["failures"] else EXIT_OK
 
 

@@ -105,13 +105,13 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     The scores are over the images with a ``kind`` mask. For a lesion kind, labelled lesion-free X-rays
     without one (data.datasets.mark_lesion_free: normal ones) are scored apart, as false alarms
     (metrics["lesion_free"]): the share of them with a lesion found, and the share of lung (else of
-    the image) marked.
+    the image) marked. cut_sweep.csv gives both at every cut of segmenter.train.THRESHOLD_GRID.
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
     from data.masks import confusion, segmentation_scores
     from segmenter.metrics import hausdorff95
-    from segmenter.model import class_masks, load_segmenter, segment_image
+    from segmenter.model import class_masks, load_segmenter
 
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
@@ -133,16 +133,17 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     classes = seg.class_kinds if len(seg.channels) > 2 else {}  # several classes: each scored on its own
     per_class: dict[str, list[tuple[dict[str, float], str]]] = {c: [] for c in classes}
     free: list[tuple[bool, float, str]] = []  # lesion-free images: (a lesion found, % marked, patient)
+    sweep = _CutSweep()
     for i, _, maps, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
         prob = maps.lesion
         if kind not in records[i].masks:  # known lesion-free
-            found = segment_image(maps, seg)
-            pct = found.lung_affected_pct if found.lung_affected_pct is not None else 100.0 * found.mask.mean()
-            free.append((bool(found.lesions), float(pct), patient_ids([records[i]])[0]))
+            free.append((*_false_alarm(maps, seg, None), patient_ids([records[i]])[0]))
+            sweep.add_lesion_free([_false_alarm(maps, seg, cut) for cut in sweep.cuts])
             continue
         truth = read_mask_of(records[i].masks[kind], prob.shape, failures)
         if truth is None:
             continue
+        sweep.add_lesion(truth, prob)
         pred = prob >= seg.threshold
         patient = patient_ids([records[i]])[0]
         predicted = class_masks(maps, seg) if classes else {}
@@ -190,10 +191,60 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         w = csv.DictWriter(handle, fieldnames=["file", *SEGMENTATION_SCORES, "hd95"])
         w.writeheader()
         w.writerows(rows)
+    sweep.write(out / "cut_sweep.csv")
     write_failures(out / "failures.csv", failures.items)
     if examples:
         plot_gallery(examples, out / "gallery.png")
     return metrics
+
+
+def _false_alarm(maps, seg, cut: float | None) -> tuple[bool, float]:
+    """(a lesion found, % of the lung marked, else of the image) on a lesion-free image, at ``cut``
+    (None: the bundle's), lesions as `cxr run` reports them (small components dropped)."""
+    from segmenter.model import segment_image
+
+    found = segment_image(maps, seg, threshold=cut)
+    pct = found.lung_affected_pct if found.lung_affected_pct is not None else 100.0 * float(found.mask.mean())
+    return bool(found.lesions), float(pct)
+
+
+class _CutSweep:
+    """Per cut of the lesion probability (segmenter.train.THRESHOLD_GRID): mean and pooled Dice over
+    the images with a mask, and the false alarms on the lesion-free ones, so a user can choose an
+    operating point (``threshold``) from held-out data instead of taking the fitted one."""
+
+    def __init__(self) -> None:
+        from segmenter.train import THRESHOLD_GRID
+
+        self.cuts = THRESHOLD_GRID
+        self.dice: list[list[float]] = []
+        self.counts = np.zeros((len(self.cuts), 3), np.int64)
+        self.free: list[list[tuple[bool, float]]] = []
+
+    def add_lesion(self, truth: np.ndarray, prob: np.ndarray) -> None:
+        from data.masks import confusion, segmentation_scores
+
+        self.dice.append([segmentation_scores(truth, prob >= c)["dice"] for c in self.cuts])
+        for k, c in enumerate(self.cuts):
+            self.counts[k] += confusion(truth, prob >= c)
+
+    def add_lesion_free(self, alarms: list[tuple[bool, float]]) -> None:
+        self.free.append(alarms)
+
+    def write(self, path: Path) -> None:
+        dice = np.asarray(self.dice, np.float64).reshape(-1, len(self.cuts))
+        free = np.asarray(self.free, np.float64).reshape(-1, len(self.cuts), 2)
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            w = csv.writer(handle)
+            w.writerow(["cut", "dice", "pooled_dice", "n", "lesion_free_found", "lesion_free_marked_pct",
+                        "n_lesion_free"])
+            for k, cut in enumerate(self.cuts):
+                tp, fp, fn = (int(v) for v in self.counts[k])
+                pooled = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+                found, marked = ((f"{free[:, k, 0].mean():.4f}", f"{free[:, k, 1].mean():.2f}") if len(free)
+                                 else ("", ""))
+                w.writerow([cut, f"{dice[:, k].mean():.4f}" if len(dice) else "", f"{pooled:.4f}", len(dice),
+                            found, marked, len(free)])
 
 
 def segment_files(model_dir, files: Sequence[str | os.PathLike[str]], *, lung_model=None):

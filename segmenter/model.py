@@ -163,9 +163,10 @@ def class_masks(maps: SegmenterMaps, seg: Segmenter, lung_threshold: float = 0.5
 
 
 def segment_image(maps: SegmenterMaps | np.ndarray, seg: Segmenter, lung_prob: np.ndarray | None = None,
-                  lung_threshold: float = 0.5) -> SegmentedImage:
-    """Probabilities (a :class:`SegmenterMaps`, or the (H, W) lesion map alone) → mask (thresholded,
-    small components dropped), typed lesion instances and the share of lung affected.
+                  lung_threshold: float = 0.5, threshold: float | None = None) -> SegmentedImage:
+    """Probabilities (a :class:`SegmenterMaps`, or the (H, W) lesion map alone) → mask (thresholded at
+    ``threshold``, else the bundle's cut; small components dropped), typed lesion instances and the
+    share of lung affected.
 
     The lung field is ``lung_prob`` (a separate lung model) when given, else the segmenter's own
     lung class when it has one; without either there is no share of lung.
@@ -174,7 +175,8 @@ def segment_image(maps: SegmenterMaps | np.ndarray, seg: Segmenter, lung_prob: n
         maps = SegmenterMaps(np.asarray(maps, np.float32))
     lung_map = lung_prob if lung_prob is not None else maps.lung
     lung = lung_map >= lung_threshold if lung_map is not None else None
-    instances, found = lesion_instances(maps.lesion, threshold=seg.threshold, min_area=seg.min_lesion_area,
+    cut = seg.threshold if threshold is None else threshold
+    instances, found = lesion_instances(maps.lesion, threshold=cut, min_area=seg.min_lesion_area,
                                         lung=lung, kind=seg.kind, types=maps.types)
     mask = instances > 0
     pct = lung_affected_pct(mask, lung) if lung is not None else None

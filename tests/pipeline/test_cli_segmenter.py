@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -63,6 +64,15 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
     assert free["with_lesion_found"]["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert 0.0 <= free["marked_pct"]["value"] <= 100.0
     assert "lesion-free X-rays (n 3)" in capsys.readouterr().out
+    with (out / "cut_sweep.csv").open() as handle:  # every cut of the fit's grid, the bundle's cut among them
+        sweep = {float(row["cut"]): row for row in csv.DictReader(handle)}
+    assert len(sweep) == 17 and m["threshold"] in sweep
+    at_cut = sweep[m["threshold"]]
+    assert float(at_cut["dice"]) == pytest.approx(m["dice"]["value"], abs=1e-4)
+    assert float(at_cut["lesion_free_found"]) == pytest.approx(free["with_lesion_found"]["value"], abs=1e-4)
+    assert float(at_cut["lesion_free_marked_pct"]) == pytest.approx(free["marked_pct"]["value"], abs=1e-2)
+    marked = [float(sweep[c]["lesion_free_marked_pct"]) for c in sorted(sweep)]
+    assert marked == sorted(marked, reverse=True)  # a higher cut never marks more
 
 
 def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):
