@@ -194,9 +194,11 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
     seconds = time.perf_counter() - t0
     seg = res.segmenter
     dice, iou, kept, free = [], [], [], []
+    test = [r for r in test if kind in r.masks or "lung" in r.masks]  # lesion-free ones are scored on their lung
     for start in range(0, len(test), 16):
         chunk = test[start:start + 16]
-        pairs = [load_example(r, size=size, mask_kind=kind) for r in chunk]
+        # a lesion-free X-ray's lung mask comes with its (empty) lesion mask, in one decode
+        pairs = [load_example(r, size=size, mask_kind=kind if kind in r.masks else (kind, "lung")) for r in chunk]
         probs = seg.predict(np.stack([x for x, _ in pairs]))
         for r, (_, truth), prob in zip(chunk, pairs, probs):
             if kind in r.masks:
@@ -204,14 +206,14 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
                 dice.append(s["dice"])
                 iou.append(s["iou"])
                 kept.append(r)
-            elif "lung" in r.masks:  # a lesion-free X-ray: what is marked on its (drawn) lung is a false alarm
-                _, lung = load_example(r, size=size, mask_kind="lung")
+            else:  # a lesion-free X-ray: what is marked on its (drawn) lung is a false alarm
+                lung = truth[..., 1]
                 instances, found = lesion_instances(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
                 free.append((bool(found), 100.0 * float(((instances > 0) & (lung > 0.5)).sum()) / max(lung.sum(), 1.0),
                              patient_ids([r])[0]))
     pats = patient_ids(kept)
     row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": res.n_train,
-           "n_train_lesion_free": seg.sidecar["config"].get("n_train_lesion_free", 0), "n_test": len(kept),
+           "n_train_lesion_free": res.n_train_lesion_free, "n_test": len(kept),
            "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
            "train_seconds": round(seconds, 1), "train_img_per_s": round(res.n_train * epochs / seconds, 2),
            "threshold": seg.threshold, "threshold_fit": seg.meta.get("threshold_fit")}

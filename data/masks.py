@@ -59,7 +59,11 @@ SEGMENTATION_SCORES = ("dice", "iou", "precision", "recall")
 
 def segmentation_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Dice, IoU, precision and recall of one image (see the module's empty-mask convention)."""
-    tp, fp, fn = confusion(truth, pred)
+    return scores_from_counts(*confusion(truth, pred))
+
+
+def scores_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """:func:`segmentation_scores` from an image's (TP, FP, FN) pixel counts."""
     both_empty = tp + fp + fn == 0
     return {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),

@@ -44,7 +44,7 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     """Train a segmenter on the records that carry the configured mask kind (patient-level split)."""
     from data.runtime.weights import resolve_weights_file
     from segmenter.settings import SegmenterSettings, with_preset
-    from segmenter.train import train_segmenter
+    from segmenter.train import train_segmenter, trainable
     from segmenter.unet import ENCODERS
 
     settings = load_settings(SegmenterSettings, with_preset, config, overrides)
@@ -54,9 +54,7 @@ def train_segmenter_job(records: Sequence[Record], out, *, config=None, override
     missing = [k for k in settings.mask_kinds if not any(k in r.masks for r in records)]
     if missing:
         raise DatasetError(f"no mask folder for kind(s) {', '.join(missing)} among the paired masks")
-    if settings.lesion_free:  # normal X-rays join as lesion-free images (segmenter.train draws them)
-        records = mark_lesion_free(records, settings.lesion_kinds)
-    with_mask = [r for r in records if all(r.has_mask(k) for k in settings.mask_kinds)]
+    with_mask = trainable(records, settings)  # normal X-rays join as lesion-free images: the trainer draws them
     if len(with_mask) < 3:
         raise DatasetError(f"only {len(with_mask)} image(s) have {' and '.join(settings.mask_kinds)} masks; "
                            "check --masks and --kind")
@@ -105,11 +103,11 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     The scores are over the images with a ``kind`` mask. For a lesion kind, labelled lesion-free X-rays
     without one (data.datasets.mark_lesion_free: normal ones) are scored apart, as false alarms
     (metrics["lesion_free"]): the share of them with a lesion found, and the share of lung (else of
-    the image) marked. cut_sweep.csv gives both at every cut of segmenter.train.THRESHOLD_GRID.
+    the image) marked. cut_sweep.csv gives both at every cut of segmenter.metrics.THRESHOLD_GRID.
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
-    from data.masks import confusion, segmentation_scores
+    from data.masks import confusion, scores_from_counts, segmentation_scores
     from segmenter.metrics import hausdorff95
     from segmenter.model import class_masks, load_segmenter
 
@@ -151,8 +149,9 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
             ctruth = read_mask_of(records[i].masks.get(ckind), prob.shape, failures)
             if ctruth is not None:
                 per_class[c].append((segmentation_scores(ctruth, predicted[c]), patient))
-        scores = segmentation_scores(truth, pred)
-        tp_fp_fn += confusion(truth, pred)
+        counts = confusion(truth, pred)
+        scores = scores_from_counts(*counts)
+        tp_fp_fn += counts
         h = hausdorff95(truth, pred)
         if h is not None:
             hd.append(h)
@@ -209,24 +208,22 @@ def _false_alarm(maps, seg, cut: float | None) -> tuple[bool, float]:
 
 
 class _CutSweep:
-    """Per cut of the lesion probability (segmenter.train.THRESHOLD_GRID): mean and pooled Dice over
+    """Per cut of the lesion probability (segmenter.metrics.THRESHOLD_GRID): mean and pooled Dice over
     the images with a mask, and the false alarms on the lesion-free ones, so a user can choose an
     operating point (``threshold``) from held-out data instead of taking the fitted one."""
 
     def __init__(self) -> None:
-        from segmenter.train import THRESHOLD_GRID
+        from segmenter.metrics import CutCounts
 
-        self.cuts = THRESHOLD_GRID
+        self.pooled = CutCounts()
+        self.cuts = self.pooled.cuts
         self.dice: list[list[float]] = []
-        self.counts = np.zeros((len(self.cuts), 3), np.int64)
         self.free: list[list[tuple[bool, float]]] = []
 
     def add_lesion(self, truth: np.ndarray, prob: np.ndarray) -> None:
-        from data.masks import confusion, segmentation_scores
+        from data.masks import scores_from_counts
 
-        self.dice.append([segmentation_scores(truth, prob >= c)["dice"] for c in self.cuts])
-        for k, c in enumerate(self.cuts):
-            self.counts[k] += confusion(truth, prob >= c)
+        self.dice.append([scores_from_counts(*c)["dice"] for c in self.pooled.add(truth, prob)])
 
     def add_lesion_free(self, alarms: list[tuple[bool, float]]) -> None:
         self.free.append(alarms)
@@ -238,9 +235,7 @@ class _CutSweep:
             w = csv.writer(handle)
             w.writerow(["cut", "dice", "pooled_dice", "n", "lesion_free_found", "lesion_free_marked_pct",
                         "n_lesion_free"])
-            for k, cut in enumerate(self.cuts):
-                tp, fp, fn = (int(v) for v in self.counts[k])
-                pooled = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+            for k, (cut, pooled) in enumerate(zip(self.cuts, self.pooled.pooled_dice())):
                 found, marked = ((f"{free[:, k, 0].mean():.4f}", f"{free[:, k, 1].mean():.2f}") if len(free)
                                  else ("", ""))
                 w.writerow([cut, f"{dice[:, k].mean():.4f}" if len(dice) else "", f"{pooled:.4f}", len(dice),

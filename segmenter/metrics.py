@@ -11,7 +11,31 @@ import cv2
 import numpy as np
 
 from data import spec
-from data.masks import components, remove_small
+from data.masks import components, confusion, remove_small
+
+#: Lesion-probability cuts tried by ``threshold = "fit"`` (segmenter.train) and scored by evaluation's
+#: cut_sweep.csv (pipeline.segmenter_jobs).
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, …, 0.90
+
+
+class CutCounts:
+    """(TP, FP, FN) pixel counts at every cut of ``cuts``, summed over the images added: the pooled
+    Dice per cut that the threshold fit chooses from and evaluation's cut sweep reports."""
+
+    def __init__(self, cuts: Sequence[float] = THRESHOLD_GRID) -> None:
+        self.cuts = tuple(cuts)
+        self.counts = np.zeros((len(self.cuts), 3), np.int64)
+
+    def add(self, truth: np.ndarray, prob: np.ndarray) -> list[tuple[int, int, int]]:
+        """Count bool ``truth`` against ``prob`` (same shape) ≥ each cut; returns this image's counts."""
+        found = [confusion(truth, prob >= cut) for cut in self.cuts]
+        self.counts += np.asarray(found, np.int64).reshape(len(self.cuts), 3)
+        return found
+
+    def pooled_dice(self) -> np.ndarray:
+        """2·TP / (2·TP + FP + FN) per cut, 1.0 where nothing was to find and nothing was found."""
+        tp, fp, fn = self.counts.T
+        return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
 
 
 def hausdorff95(truth: np.ndarray, pred: np.ndarray) -> float | None:

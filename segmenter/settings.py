@@ -50,8 +50,8 @@ def with_preset(values: Mapping[str, Any]) -> dict[str, Any]:
     if values.get("classes", "binary") != "binary" and values.get("loss") is None:
         values["loss"] = "cce_dice"  # the only loss of the softmax heads (SegmenterSettings checks it)
     out = apply_preset(values, PRESETS, "scratch" if scratch else "paper")
-    lung_field = (out.get("classes", "binary") == "binary"
-                  and out.get("kind", "infection") == out.get("lung_kind", "lung"))
+    given = {**{f.name: f.default for f in dataclasses.fields(SegmenterSettings)}, **out}
+    lung_field = given["classes"] == "binary" and given["kind"] == given["lung_kind"]
     if lung_field and "lesion_free" not in values:
         out["lesion_free"] = 0.0  # a preset's lesion-free images teach lesion models; every X-ray has lungs
     return out

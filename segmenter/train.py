@@ -16,7 +16,6 @@ from keras import ops
 
 from data.augment import AugmentParams
 from data.datasets import FailureLog, Record, make_dataset, mark_lesion_free
-from data.masks import confusion
 from data.runtime.bundle import save_bundle
 from data.runtime.distribute import (
     check_fit_sizes,
@@ -27,6 +26,7 @@ from data.runtime.distribute import (
 )
 from data.runtime.training import FitRecipe, fit_best, prepare_for_training, reestimate_batchnorm
 from segmenter.losses import get_loss
+from segmenter.metrics import THRESHOLD_GRID, CutCounts
 from segmenter.model import KIND, Segmenter, load_segmenter
 from segmenter.schemes import lesion_channels
 from segmenter.settings import DEFAULT_THRESHOLD, SegmenterSettings, build_segmenter
@@ -67,8 +67,6 @@ class SegmenterTrainResult:
     n_train_lesion_free: int = 0
 
 
-#: Lesion-probability cuts tried by ``threshold = "fit"``.
-THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, …, 0.90
 #: Fewer validation images than this keep the default cut: a handful cannot choose one.
 THRESHOLD_FIT_MIN_IMAGES = 20
 
@@ -87,19 +85,16 @@ def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
     fewer than THRESHOLD_FIT_MIN_IMAGES images, DEFAULT_THRESHOLD and why.
     """
     lesion = [settings.channels.index(c) for c in lesion_channels(settings.classes, settings.channels)]
-    counts = np.zeros((len(THRESHOLD_GRID), 3), np.int64)  # TP, FP, FN per cut
+    counts = CutCounts(THRESHOLD_GRID)
     n = 0
     for x, y in batches:
         prob = np.asarray(predict(np.asarray(x)), np.float32)[..., lesion].sum(axis=-1)
-        truth = np.asarray(y)[..., lesion].max(axis=-1) > 0.5
-        for k, cut in enumerate(THRESHOLD_GRID):
-            counts[k] += confusion(truth, prob >= cut)
+        counts.add(np.asarray(y)[..., lesion].max(axis=-1) > 0.5, prob)
         n += len(prob)
     if n < THRESHOLD_FIT_MIN_IMAGES:
         return {"threshold": DEFAULT_THRESHOLD, "n_val": n,
                 "why": f"kept {DEFAULT_THRESHOLD}: {n} validation image(s), fewer than {THRESHOLD_FIT_MIN_IMAGES}"}
-    tp, fp, fn = counts.T
-    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
+    dice = counts.pooled_dice()
     best = max(range(len(THRESHOLD_GRID)),
                key=lambda k: (round(dice[k], 9), -abs(THRESHOLD_GRID[k] - DEFAULT_THRESHOLD)))
     at_default = THRESHOLD_GRID.index(DEFAULT_THRESHOLD)
@@ -107,26 +102,31 @@ def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
             f"val_dice_at_{DEFAULT_THRESHOLD}": round(float(dice[at_default]), 4), "criterion": "pooled Dice"}
 
 
-def with_lesion_free(records: Sequence[Record], settings: SegmenterSettings) -> list[Record]:
-    """The records with every mask kind the model trains on, with lesion-free X-rays as
-    ``settings.lesion_free`` asks: at most that many per lesion image, drawn with the seed, in
-    ``records``' order (data.datasets.mark_lesion_free says which images are lesion-free)."""
+def trainable(records: Sequence[Record], settings: SegmenterSettings) -> list[Record]:
+    """The records with every mask kind the model trains on, a lesion-free X-ray's known-empty lesion
+    masks counted when ``settings.lesion_free`` asks for them (data.datasets.mark_lesion_free)."""
     if settings.lesion_free:
         records = mark_lesion_free(records, settings.lesion_kinds)
-    usable = [r for r in records if all(r.has_mask(k) for k in settings.mask_kinds)]
-    free = [i for i, r in enumerate(usable) if not any(k in r.masks for k in settings.lesion_kinds)]
-    if not settings.lesion_kinds or not free:
+    return [r for r in records if all(r.has_mask(k) for k in settings.mask_kinds)]
+
+
+def is_lesion_free(record: Record, settings: SegmenterSettings) -> bool:
+    """A lesion model's training image with no lesion mask file (its lesion masks known empty)."""
+    return bool(settings.lesion_kinds) and not any(k in record.masks for k in settings.lesion_kinds)
+
+
+def with_lesion_free(records: Sequence[Record], settings: SegmenterSettings) -> list[Record]:
+    """:func:`trainable` records, with lesion-free X-rays as ``settings.lesion_free`` asks: at most
+    that many per lesion image, drawn with the seed, in ``records``' order."""
+    usable = trainable(records, settings)
+    free = [i for i, r in enumerate(usable) if is_lesion_free(r, settings)]
+    if not free:
         return usable
     room = int(settings.lesion_free * (len(usable) - len(free)))
     drop = set(free)
     if room > 0:
         drop -= set(np.random.default_rng(settings.seed).choice(free, min(room, len(free)), replace=False).tolist())
     return [r for i, r in enumerate(usable) if i not in drop]
-
-
-def lesion_free_count(records: Sequence[Record], settings: SegmenterSettings) -> int:
-    """How many of ``records`` are lesion-free images (no lesion mask file, known empty)."""
-    return sum(1 for r in records if settings.lesion_kinds and not any(k in r.masks for k in settings.lesion_kinds))
 
 
 def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
@@ -177,8 +177,8 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
             "distribute": dist.record() if dist else None, "modality": settings.modality,
             "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val),
-              "n_train_lesion_free": lesion_free_count(train, settings),
-              "n_val_lesion_free": lesion_free_count(val, settings)}
+              "n_train_lesion_free": sum(is_lesion_free(r, settings) for r in train),
+              "n_val_lesion_free": sum(is_lesion_free(r, settings) for r in val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
     return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items), len(train), len(val),
                                 config["n_train_lesion_free"])

@@ -8,7 +8,11 @@ import pytest
 
 from data.datasets import Record
 from segmenter.settings import SegmenterSettings, with_preset
-from segmenter.train import lesion_free_count, with_lesion_free
+from segmenter.train import is_lesion_free, with_lesion_free
+
+
+def lesion_free_count(records, settings) -> int:
+    return sum(is_lesion_free(r, settings) for r in records)
 
 
 def _records(n_lesion: int, n_normal: int, *, lung: bool = True) -> list[Record]:
