@@ -103,7 +103,10 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     The scores are over the images with a ``kind`` mask. For a lesion kind, labelled lesion-free X-rays
     without one (data.datasets.mark_lesion_free: normal ones) are scored apart, as false alarms
     (metrics["lesion_free"]): the share of them with a lesion found, and the share of lung (else of
-    the image) marked. cut_sweep.csv gives both at every cut of segmenter.metrics.THRESHOLD_GRID.
+    the image) marked. The lung is the model's own where it segments one, else the drawn lung
+    (``seg.lung_kind`` masks) when every lesion-free record has one, else the whole image
+    (metrics["lesion_free"]["marked_of"] says which). cut_sweep.csv gives both at every cut of
+    segmenter.metrics.THRESHOLD_GRID.
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
@@ -131,12 +134,19 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     classes = seg.class_kinds if len(seg.channels) > 2 else {}  # several classes: each scored on its own
     per_class: dict[str, list[tuple[dict[str, float], str]]] = {c: [] for c in classes}
     free: list[tuple[bool, float, str]] = []  # lesion-free images: (a lesion found, % marked, patient)
+    marked_of = _marked_of(seg, [r for r in records if kind not in r.masks])
     sweep = _CutSweep()
     for i, _, maps, orig in probability_maps(seg, [r.path for r in records], progress=progress, failures=failures):
         prob = maps.lesion
         if kind not in records[i].masks:  # known lesion-free
-            free.append((*_false_alarm(maps, seg, None), patient_ids([records[i]])[0]))
-            sweep.add_lesion_free([_false_alarm(maps, seg, cut) for cut in sweep.cuts])
+            lung = None
+            if marked_of == "drawn lung":
+                lung = read_mask_of(records[i].masks[seg.lung_kind], prob.shape, failures)
+                if lung is None:
+                    continue
+                lung = lung.astype(np.float32)
+            free.append((*_false_alarm(maps, seg, None, lung), patient_ids([records[i]])[0]))
+            sweep.add_lesion_free([_false_alarm(maps, seg, cut, lung) for cut in sweep.cuts])
             continue
         truth = read_mask_of(records[i].masks[kind], prob.shape, failures)
         if truth is None:
@@ -177,7 +187,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
             "n": len(free), "what": "labelled lesion-free X-rays (no lesion mask): false alarms",
             "with_lesion_found": mean_ci([float(f) for f, _, _ in free], n_boot=n_boot, groups=groups),
             "marked_pct": mean_ci([p for _, p, _ in free], n_boot=n_boot, groups=groups),
-            "marked_of": "lung" if seg.has_lung else "image"}
+            "marked_of": marked_of}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
@@ -197,12 +207,24 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     return metrics
 
 
-def _false_alarm(maps, seg, cut: float | None) -> tuple[bool, float]:
+def _marked_of(seg, lesion_free: Sequence[Record]) -> str:
+    """What a false alarm on a lesion-free X-ray is a share of: the model's own "lung", the "drawn
+    lung" (a model without a lung class, every such record with a ``seg.lung_kind`` mask), else the
+    "image". One definition for all of them, so their mean is of like figures."""
+    if seg.has_lung:
+        return "lung"
+    if lesion_free and all(seg.lung_kind in r.masks for r in lesion_free):
+        return "drawn lung"
+    return "image"
+
+
+def _false_alarm(maps, seg, cut: float | None, lung: np.ndarray | None = None) -> tuple[bool, float]:
     """(a lesion found, % of the lung marked, else of the image) on a lesion-free image, at ``cut``
-    (None: the bundle's), lesions as `cxr run` reports them (small components dropped)."""
+    (None: the bundle's), lesions as `cxr run` reports them (small components dropped; with a drawn
+    ``lung``, those outside it too, as with a lung model)."""
     from segmenter.model import segment_image
 
-    found = segment_image(maps, seg, threshold=cut)
+    found = segment_image(maps, seg, lung_prob=lung, threshold=cut)
     pct = found.lung_affected_pct if found.lung_affected_pct is not None else 100.0 * float(found.mask.mean())
     return bool(found.lesions), float(pct)
 

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from data.runtime.bundle import BundleError
@@ -73,6 +74,26 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
     assert float(at_cut["lesion_free_marked_pct"]) == pytest.approx(free["marked_pct"]["value"], abs=1e-2)
     marked = [float(sweep[c]["lesion_free_marked_pct"]) for c in sorted(sweep)]
     assert marked == sorted(marked, reverse=True)  # a higher cut never marks more
+
+    # drawn lungs: a model without a lung class scores its false alarms on them when every normal has one
+    masks = tmp_path / "masks"
+    shutil.copytree(seg_data / "masks", masks)
+    (masks / "lung").mkdir()
+    whole = np.full((72, 64), 255, np.uint8)
+    for i in range(3):
+        (masks / "lung" / f"n{i}.png").write_bytes(png_bytes(whole))
+
+    def lesion_free_scores(name: str) -> dict:
+        assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(images), "--masks", str(masks),
+                     "--kind", "lesion", "--bootstrap", "50", "--include-training", "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())["lesion_free"]
+
+    drawn = lesion_free_scores("drawn")  # a lung drawn over the whole image: the image's figures, named so
+    assert drawn["marked_of"] == "drawn lung"
+    assert drawn["marked_pct"]["value"] == pytest.approx(free["marked_pct"]["value"], abs=1e-6)
+    assert drawn["with_lesion_found"]["value"] == free["with_lesion_found"]["value"]
+    (masks / "lung" / "n2.png").unlink()  # one normal without a drawn lung: one definition for all, the image
+    assert lesion_free_scores("mixed")["marked_of"] == "image"
 
 
 def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):
