@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from data import spec  # noqa: E402
 from data.datasets import DatasetError, load_example  # noqa: E402
 from data.io import ImageReadError  # noqa: E402
-from data.splits import assign_splits, group_records, hash_records, select_split  # noqa: E402
+from data.splits import assign_splits, group_records, hash_records, select_split, write_splits  # noqa: E402
 from pipeline.common import patient_ids  # noqa: E402
 from pipeline.report import ci_text  # noqa: E402
 
@@ -165,25 +165,21 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
     return rows
 
 
-def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_boot: int, workdir: Path,
-                  max_train: int | None = None, overrides: dict | None = None) -> dict:
+def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int, epochs: int, n_boot: int,
+                  workdir: Path, max_train: int | None = None, overrides: dict | None = None) -> dict:
     """Train the ``kind`` U-Net with the scratch preset (lesion models also on lesion-free normal X-rays,
-    the cut fitted on validation) and score its held-out images: Dice/IoU on those with a ``kind``
-    mask; for a lesion kind, also the false alarms on held-out normal X-rays (share with a lesion
-    found; share of their drawn lung marked)."""
+    the cut fitted on validation) and score its held-out images with ``cxr evaluate-segmenter``'s job
+    (at each image's own size): Dice/IoU on those with a ``kind`` mask; for a lesion kind, also the
+    false alarms on held-out normal X-rays (share with a lesion found; share of their drawn lung marked)."""
     from data.datasets import mark_lesion_free
-    from data.masks import segmentation_scores
-    from pipeline.segmenter_jobs import mean_ci
-    from segmenter.metrics import lesion_instances
+    from pipeline.segmenter_jobs import evaluate_segmenter_job
     from segmenter.settings import SegmenterSettings, with_preset
     from segmenter.train import train_segmenter
 
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
                                                "epochs": epochs, "batch_size": 16, **(overrides or {})}))
-    if settings.lesion_kinds:  # held-out normals are scored for false alarms whatever lesion_free is
-        records = mark_lesion_free(records, [kind])
-    usable = [r for r in records if r.has_mask(kind)]
-    train, val, test = (select_split(usable, assignment, s) for s in ("train", "val", "test"))
+    usable = [r for r in mark_lesion_free(records, [kind]) if r.has_mask(kind)]
+    train, val = (select_split(usable, assignment, s) for s in ("train", "val"))
     lesion_train = [r for r in train if kind in r.masks]
     if max_train and len(lesion_train) > max_train:  # the cap counts lesion images; the trainer draws the rest
         pick = set(np.random.default_rng(0).choice(len(lesion_train), max_train, replace=False).tolist())
@@ -192,36 +188,23 @@ def segmenter_row(records, assignment, *, kind: str, size: int, epochs: int, n_b
     t0 = time.perf_counter()
     res = train_segmenter(settings, train, val, workdir / f"seg_{kind}", verbose=0)
     seconds = time.perf_counter() - t0
-    seg = res.segmenter
-    dice, iou, kept, free = [], [], [], []
-    test = [r for r in test if kind in r.masks or "lung" in r.masks]  # lesion-free ones are scored on their lung
-    for start in range(0, len(test), 16):
-        chunk = test[start:start + 16]
-        # a lesion-free X-ray's lung mask comes with its (empty) lesion mask, in one decode
-        pairs = [load_example(r, size=size, mask_kind=kind if kind in r.masks else (kind, "lung")) for r in chunk]
-        probs = seg.predict(np.stack([x for x, _ in pairs]))
-        for r, (_, truth), prob in zip(chunk, pairs, probs):
-            if kind in r.masks:
-                s = segmentation_scores(truth > 0.5, prob >= seg.threshold)
-                dice.append(s["dice"])
-                iou.append(s["iou"])
-                kept.append(r)
-            else:  # a lesion-free X-ray: what is marked on its (drawn) lung is a false alarm
-                lung = truth[..., 1]
-                instances, found = lesion_instances(prob, threshold=seg.threshold, min_area=seg.min_lesion_area)
-                free.append((bool(found), 100.0 * float(((instances > 0) & (lung > 0.5)).sum()) / max(lung.sum(), 1.0),
-                             patient_ids([r])[0]))
-    pats = patient_ids(kept)
+    t0 = time.perf_counter()
+    # held-out normal X-rays are scored for false alarms whatever lesion_free is, on their drawn lung:
+    # those without one are left out (the job would otherwise score every one on its whole image)
+    scored = [r for r in records if not settings.lesion_kinds or kind in r.masks or "lung" in r.masks
+              or r.label not in spec.LESION_FREE_CLASSES]
+    m = evaluate_segmenter_job(workdir / f"seg_{kind}", scored, workdir / f"seg_{kind}_eval", kind=kind,
+                               splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
     row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": res.n_train,
-           "n_train_lesion_free": res.n_train_lesion_free, "n_test": len(kept),
-           "dice": mean_ci(dice, n_boot=n_boot, groups=pats), "iou": mean_ci(iou, n_boot=n_boot, groups=pats),
-           "train_seconds": round(seconds, 1), "train_img_per_s": round(res.n_train * epochs / seconds, 2),
-           "threshold": seg.threshold, "threshold_fit": seg.meta.get("threshold_fit")}
+           "n_train_lesion_free": res.n_train_lesion_free, "n_test": m["n"], "dice": m["dice"], "iou": m["iou"],
+           "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
+           "train_img_per_s": round(res.n_train * epochs / seconds, 2),
+           "eval_seconds": round(time.perf_counter() - t0, 1),
+           "threshold": m["threshold"], "threshold_fit": res.segmenter.meta.get("threshold_fit")}
+    free = m.get("lesion_free")
     if free:
-        groups = [g for *_, g in free]
-        row["lesion_free_test"] = {
-            "n": len(free), "with_lesion_found": mean_ci([float(f) for f, _, _ in free], n_boot=n_boot, groups=groups),
-            "lung_marked_pct": mean_ci([p for _, p, _ in free], n_boot=n_boot, groups=groups)}
+        row["lesion_free_test"] = {"n": free["n"], "with_lesion_found": free["with_lesion_found"],
+                                   "marked_pct": free["marked_pct"], "marked_of": free["marked_of"]}
     return row
 
 
@@ -237,15 +220,15 @@ def print_tables(result: dict) -> None:
               f"{r['train_seconds']} | {r['train_img_per_s']} |")
     if result.get("segmenters"):
         print("\n| segmenter | n train (lesion-free) / test | Dice [95 % CI] | IoU [95 % CI] | threshold (val Dice "
-              "there / at 0.5) | normal test X-rays: with a lesion found; % of lung marked | train s | train img/s |")
+              "there / at 0.5) | normal test X-rays: with a lesion found; % marked | train s | train img/s |")
         print("|---|---|---|---|---|---|---|---|")
         for r in result["segmenters"]:
             fit = r.get("threshold_fit") or {}
             cut = f"{r.get('threshold', '-')}" + (f" ({fit['val_dice']:.3f} / {fit['val_dice_at_0.5']:.3f})"
                                                   if "val_dice" in fit else "")
             free = r.get("lesion_free_test")
-            alarms = (f"{ci_text(free['with_lesion_found'], 2)}; {ci_text(free['lung_marked_pct'], 1)} (n {free['n']})"
-                      if free else "-")
+            alarms = (f"{ci_text(free['with_lesion_found'], 2)}; {ci_text(free['marked_pct'], 1)} of "
+                      f"{free['marked_of']} (n {free['n']})" if free else "-")
             print(f"| {r['model']} | {r['n_train']} ({r.get('n_train_lesion_free', 0)}) / {r['n_test']} | "
                   f"{ci_text(r['dice'])} | {ci_text(r['iou'])} | {cut} | {alarms} | {r['train_seconds']} | "
                   f"{r['train_img_per_s']} |")
@@ -287,7 +270,8 @@ def main(argv=None) -> int:
     records = gather_folders(args.data, args.masks, ["infection", "lung"])
     hashes = hash_records(records)
     usable = [r for r in records if r.key in hashes]
-    assignment = assign_splits(usable, group_records(usable, hashes), val=0.1, test=0.2, seed=0)
+    groups = group_records(usable, hashes)
+    assignment = assign_splits(usable, groups, val=0.1, test=0.2, seed=0)
     train, val, test = (select_split(usable, assignment, s) for s in ("train", "val", "test"))
     if profile["max_train"] and len(train) > profile["max_train"]:
         rng = np.random.default_rng(0)
@@ -309,6 +293,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        splits_csv = work / "splits.csv"  # the one split, as `cxr data split` writes it, for the segmenter scoring
+        write_splits(splits_csv, usable, assignment, groups)
         steps = [
             ("rf", lambda: [random_forest(train, test, args.bootstrap)]),
             ("cnn", lambda: [small_cnn(train, val, test, size=profile["size"], epochs=profile["cnn_epochs"],
@@ -329,7 +315,7 @@ def main(argv=None) -> int:
             if kind in args.skip:
                 continue
             try:
-                row = segmenter_row(usable, assignment, kind=kind, size=profile["seg_size"], epochs=epochs,
+                row = segmenter_row(usable, assignment, splits_csv, kind=kind, size=profile["seg_size"], epochs=epochs,
                                     n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"],
                                     overrides=seg_overrides)
             except (ValueError, DatasetError) as err:
