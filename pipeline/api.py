@@ -39,8 +39,8 @@ __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DE
            "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models", "SplitResult",
            "check_data", "convert_weights", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
            "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks", "load_models",
-           "predict", "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "split_data",
-           "train_classifier", "train_segmenter"]
+           "predict", "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "set_threshold",
+           "split_data", "train_classifier", "train_segmenter"]
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 
@@ -247,6 +247,13 @@ def evaluate_segmenter(model_dir: PathLike, images: PathLike, out: PathLike, *, 
         pair_masks([], masks, [kind])  # DatasetError naming the kinds that are there
     return evaluate_segmenter_job(model_dir, records, out, kind=kind, splits=splits, split=split, n_boot=n_boot,
                                   engine=engine, include_training=include_training, progress=progress)
+
+
+def set_threshold(model_dir: PathLike, cut: float, *, why: str | None = None) -> tuple[float, float]:
+    """`cxr set-threshold`: the segmenter bundle's probability cut becomes ``cut``; (old, new)."""
+    from segmenter.model import set_threshold as _set
+
+    return _set(model_dir, cut, why=why or "cxr set-threshold")
 
 
 def segment(model_dir: PathLike, files: Sequence[PathLike], *, lung_model: PathLike | None = None):

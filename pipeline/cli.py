@@ -193,6 +193,13 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if m["failures"] else EXIT_OK
 
 
+def _cmd_set_threshold(args: argparse.Namespace) -> int:
+    old, new = api.set_threshold(args.model, args.cut, why=args.why)
+    print(f"{args.model}: probability cut {old:g} -> {new:g} (recorded in model.json, meta.edits); "
+          "cxr run, segment, serve and evaluate-segmenter use it from now on")
+    return EXIT_OK
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     rows, failures = api.segment(args.model, args.files, lung_model=args.lung_model)
     for path, res in rows:
@@ -485,6 +492,12 @@ def _add_segmenter_commands(sub) -> None:
     es.add_argument("--out", required=True)
     _engine_arg(es)
     es.set_defaults(func=_cmd_evaluate_segmenter)
+
+    st = sub.add_parser("set-threshold", help="set a segmenter bundle's probability cut (e.g. from cut_sweep.csv)")
+    st.add_argument("--model", required=True, type=_existing_dir)
+    st.add_argument("--cut", required=True, type=float, help="the new cut, in (0, 1)")
+    st.add_argument("--why", help="recorded with the change in the bundle (default: 'cxr set-threshold')")
+    st.set_defaults(func=_cmd_set_threshold)
 
     sg = sub.add_parser("segment", help="lesions and share of lung affected per file")
     sg.add_argument("--model", required=True, type=_existing_dir)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from data import spec
-from data.runtime.bundle import SIDECAR, BundleError, load_bundle
+from data.errors import UsageError
+from data.runtime.bundle import SIDECAR, BundleError, load_bundle, read_sidecar, update_meta
 from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
@@ -118,6 +119,18 @@ def load_segmenter(directory: str | os.PathLike[str]) -> Segmenter:
         if key not in side.get("meta", {}):
             raise BundleError(f"{Path(directory) / SIDECAR}: meta.{key} missing")
     return Segmenter(model, side, Path(directory))
+
+
+def set_threshold(directory: str | os.PathLike[str], cut: float, *, why: str) -> tuple[float, float]:
+    """Make ``cut`` the saved segmenter's probability cut (``meta.threshold``), e.g. an operating point
+    read off ``cxr evaluate-segmenter``'s cut_sweep.csv; every command that loads the bundle uses it
+    from then on. The change and ``why`` are recorded in ``meta.edits``; the fitted cut stays in
+    ``meta.threshold_fit``. Returns (old cut, new cut)."""
+    if not 0.0 < cut < 1.0:
+        raise UsageError(f"a cut must lie in (0, 1), got {cut}")
+    old = float(read_sidecar(directory, kind=KIND)["meta"]["threshold"])
+    update_meta(directory, kind=KIND, changes={"threshold": float(cut)}, why=why)
+    return old, float(cut)
 
 
 @dataclass

@@ -101,6 +101,23 @@ def save_bundle(model, directory: str | os.PathLike[str], *, kind: str, image_si
     return directory / SIDECAR
 
 
+def update_meta(directory: str | os.PathLike[str], *, kind: str, changes: dict[str, Any], why: str) -> dict[str, Any]:
+    """Change keys of a saved bundle's ``meta`` (the checked sidecar rewritten atomically, its hash
+    renewed) and record the change under ``meta.edits``: when, each key's old and new value, and
+    ``why``. The model file and config are untouched. Returns the new sidecar."""
+    directory = Path(directory)
+    side = read_sidecar(directory, kind=kind)
+    meta = dict(side.get("meta", {}))
+    edit = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "why": why,
+            "changed": {k: [meta.get(k), v] for k, v in changes.items()}}
+    meta.update(changes)
+    meta["edits"] = [*meta.get("edits", []), edit]
+    side = {**side, "meta": meta, "format_version": FORMAT_VERSION}
+    side["sidecar_hash"] = sidecar_hash(side)
+    write_json(directory / SIDECAR, side, sort_keys=True)
+    return side
+
+
 def sidecar_hash(sidecar: dict[str, Any]) -> str:
     """sha256 of every sidecar field but itself: an edit to any field (image_size, meta, ...) is caught."""
     return config_hash({k: v for k, v in sidecar.items() if k != "sidecar_hash"})

@@ -96,6 +96,24 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
     assert lesion_free_scores("mixed")["marked_of"] == "image"
 
 
+def test_set_threshold_changes_the_bundles_cut_and_records_it(seg_model, tmp_path, capsys):
+    from segmenter.model import load_segmenter
+
+    model = tmp_path / "m"
+    shutil.copytree(seg_model, model)
+    before = json.loads((model / "model.json").read_text())["meta"]
+    assert main(["set-threshold", "--model", str(model), "--cut", "1.5"]) == 2  # refused, nothing written
+    assert "a cut must lie in (0, 1), got 1.5" in capsys.readouterr().err
+    assert json.loads((model / "model.json").read_text())["meta"] == before
+    assert main(["set-threshold", "--model", str(model), "--cut", "0.35", "--why", "10 % of normal lung"]) == 0
+    assert f"probability cut {before['threshold']:g} -> 0.35" in capsys.readouterr().out
+    seg = load_segmenter(model)  # the sidecar's hash was renewed: the bundle still loads, checked
+    assert seg.threshold == 0.35 and seg.meta.get("threshold_fit") == before.get("threshold_fit")
+    (edit,) = seg.meta["edits"]
+    assert edit["changed"] == {"threshold": [before["threshold"], 0.35]} and edit["why"] == "10 % of normal lung"
+    assert main(["set-threshold", "--model", str(seg_model.parent), "--cut", "0.4"]) == 2  # not a bundle
+
+
 def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"")
