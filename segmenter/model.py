@@ -12,7 +12,7 @@ import numpy as np
 
 from data import spec
 from data.errors import UsageError
-from data.runtime.bundle import SIDECAR, BundleError, load_bundle, read_sidecar, update_meta
+from data.runtime.bundle import SIDECAR, BundleError, load_bundle, update_meta
 from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
@@ -128,9 +128,8 @@ def set_threshold(directory: str | os.PathLike[str], cut: float, *, why: str) ->
     ``meta.threshold_fit``. Returns (old cut, new cut)."""
     if not 0.0 < cut < 1.0:
         raise UsageError(f"a cut must lie in (0, 1), got {cut}")
-    old = float(read_sidecar(directory, kind=KIND)["meta"]["threshold"])
-    update_meta(directory, kind=KIND, changes={"threshold": float(cut)}, why=why)
-    return old, float(cut)
+    edit = update_meta(directory, kind=KIND, changes={"threshold": float(cut)}, why=why)
+    return float(edit["changed"]["threshold"][0]), float(cut)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def save_bundle(model, directory: str | os.PathLike[str], *, kind: str, image_si
 def update_meta(directory: str | os.PathLike[str], *, kind: str, changes: dict[str, Any], why: str) -> dict[str, Any]:
     """Change keys of a saved bundle's ``meta`` (the checked sidecar rewritten atomically, its hash
     renewed) and record the change under ``meta.edits``: when, each key's old and new value, and
-    ``why``. The model file and config are untouched. Returns the new sidecar."""
+    ``why``. The model file and config are untouched. Returns that record."""
     directory = Path(directory)
     side = read_sidecar(directory, kind=kind)
     meta = dict(side.get("meta", {}))
@@ -115,7 +115,7 @@ def update_meta(directory: str | os.PathLike[str], *, kind: str, changes: dict[s
     side = {**side, "meta": meta, "format_version": FORMAT_VERSION}
     side["sidecar_hash"] = sidecar_hash(side)
     write_json(directory / SIDECAR, side, sort_keys=True)
-    return side
+    return edit
 
 
 def sidecar_hash(sidecar: dict[str, Any]) -> str:
