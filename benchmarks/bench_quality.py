@@ -178,7 +178,9 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
 
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
                                                "epochs": epochs, "batch_size": 16, **(overrides or {})}))
-    usable = [r for r in mark_lesion_free(records, [kind]) if r.has_mask(kind)]
+    if settings.lesion_kinds:  # normal X-rays are lesion-free; every X-ray has lungs
+        records = mark_lesion_free(records, [kind])
+    usable = [r for r in records if r.has_mask(kind)]
     train, val = (select_split(usable, assignment, s) for s in ("train", "val"))
     lesion_train = [r for r in train if kind in r.masks]
     if max_train and len(lesion_train) > max_train:  # the cap counts lesion images; the trainer draws the rest
