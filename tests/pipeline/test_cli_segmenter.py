@@ -97,7 +97,7 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
 
 
 def test_set_threshold_changes_the_bundles_cut_and_records_it(seg_model, tmp_path, capsys):
-    from segmenter.model import load_segmenter
+    from data.runtime.bundle import read_sidecar
 
     model = tmp_path / "m"
     shutil.copytree(seg_model, model)
@@ -107,9 +107,9 @@ def test_set_threshold_changes_the_bundles_cut_and_records_it(seg_model, tmp_pat
     assert json.loads((model / "model.json").read_text())["meta"] == before
     assert main(["set-threshold", "--model", str(model), "--cut", "0.35", "--why", "10 % of normal lung"]) == 0
     assert f"probability cut {before['threshold']:g} -> 0.35" in capsys.readouterr().out
-    seg = load_segmenter(model)  # the sidecar's hash was renewed: the bundle still loads, checked
-    assert seg.threshold == 0.35 and seg.meta.get("threshold_fit") == before.get("threshold_fit")
-    (edit,) = seg.meta["edits"]
+    meta = read_sidecar(model, kind="segmenter")["meta"]  # the sidecar's hash was renewed: it passes the check
+    assert meta["threshold"] == 0.35 and meta.get("threshold_fit") == before.get("threshold_fit")
+    (edit,) = meta["edits"]
     assert edit["changed"] == {"threshold": [before["threshold"], 0.35]} and edit["why"] == "10 % of normal lung"
     assert main(["set-threshold", "--model", str(seg_model.parent), "--cut", "0.4"]) == 2  # not a bundle
 
