@@ -87,6 +87,9 @@ def score(name: str, labels: np.ndarray, probs: np.ndarray, records, *, seconds:
         "ece": m["ece"]["value"],
         "per_source_accuracy": {s: {"value": v["accuracy"]["value"], "n": v["n"]} for s, v in per_source.items()},
         "confusion": m["confusion_matrix"]["counts"],
+        # per test image, for paired comparisons between rows or runs on the same split
+        "per_image": {"file": [r.key for r in records], "patient": pats, "label": np.asarray(labels).tolist(),
+                      "predicted": np.asarray(probs).argmax(axis=1).tolist()},
         "train_seconds": round(seconds, 1),
         "train_img_per_s": round(images_seen / seconds, 2) if seconds else None,
     }
