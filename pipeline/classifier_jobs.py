@@ -55,13 +55,35 @@ def train_classifier_job(
     from ensemble.train import ClassifierSettings, train_classifier, with_preset
 
     settings = load_settings(ClassifierSettings, with_preset, config, overrides)
-    for m in settings.members:  # local weight files are checked before any image is read
-        resolve_weights(m, settings.weights)
+    # local weight files are checked before any image is read
+    weight_files = {m: resolve_weights(m, settings.weights) for m in settings.members}
     run = run_training_job(records, out, settings, train_classifier, splits=splits, allow_leaks=allow_leaks,
-                           progress=progress, verbose=verbose)
+                           progress=progress, verbose=verbose,
+                           check_split=lambda a: _check_encoder_leaks(records, a, weight_files, allow_leaks))
     counts = {s: sum(1 for v in run.assignment.values() if v == s) for s in SPLIT_NAMES}
     return TrainJobResult(run.out, run.result.history, run.result.temperature, counts, run.result.failures,
                           run.seconds)
+
+
+def _check_encoder_leaks(records: Sequence[Record], assignment: dict[str, str], weight_files: dict[str, str | None],
+                         allow_leaks: bool) -> None:
+    """DatasetError when a member starts from a segmenter's encoder (`cxr export --format encoder`)
+    that trained or validated on images, or patients, of this run's test split: its test scores
+    would not be held-out ones. ``--allow-leaks`` lets it through."""
+    from pipeline.export_jobs import encoder_record
+
+    test = select_split(records, assignment, "test")
+    for member, path in weight_files.items():
+        record = encoder_record(path) if path not in (None, "imagenet") else None
+        if record is None or allow_leaks:
+            continue
+        files, patients = set(record["trained_on"]["files"]), set(record["trained_on"]["patients"])
+        seen = [r.key for r in test if r.key in files or (r.patient_id and r.patient_id in patients)]
+        if seen:
+            raise DatasetError(
+                f"{path}: {member}'s initial encoder trained on {len(seen)} image(s) of this run's test split "
+                f"(or their patients), e.g. {', '.join(seen[:3])}; train the segmenter on this run's training "
+                "split (cxr train-segmenter --splits with the same splits file) or pass --allow-leaks")
 
 
 @dataclass

@@ -259,6 +259,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     res = api.export_model(args.model, args.format, calibration=args.calibration,
                            calibration_count=args.calibration_count)
     print(f"exported {res.path}")
+    if args.format == "encoder":
+        print(f"a classifier member on the same keras.applications model (DenseNet121 for unet-densenet121) can "
+              f"start from it: weights = {{ densenet121 = \"{res.path}\", ... }}; cxr train-classifier checks "
+              "that none of its test images trained it")
     if res.record is not None:
         r = res.record
         print(f"calibrated on {r['calibration_images']} image(s); largest output difference from the float "
@@ -558,8 +562,8 @@ def _add_pipeline_commands(sub) -> None:
     ex = sub.add_parser("export", help="export a classifier or segmenter bundle (ONNX, checked against Keras)")
     ex.add_argument("--model", required=True, type=_existing_dir)
     ex.add_argument("--format", choices=api.EXPORT_FORMATS, default="onnx",
-                    help="onnx (float, checked against Keras), onnx-int8 (static int8, needs --calibration) "
-                         "or savedmodel")
+                    help="onnx (float, checked against Keras), onnx-int8 (static int8, needs --calibration), "
+                         "savedmodel, or encoder (a U-Net segmenter's encoder as keras.applications weights)")
     ex.add_argument("--calibration", type=_existing_dir,
                     help="onnx-int8: folder of training images to calibrate on (only the bundle's training "
                          "split where its splits.csv lists them)")

@@ -124,10 +124,12 @@ class TrainingRun:
 
 def run_training_job(records: Sequence[Record], out: str | os.PathLike[str], settings: Any, train_fn: Callable, *,
                      splits: str | os.PathLike[str] | None, allow_leaks: bool, progress=None,
-                     verbose: int | None = None, what: str = "", fix: str = "") -> TrainingRun:
+                     verbose: int | None = None, what: str = "", fix: str = "",
+                     check_split: Callable[[dict[str, str]], None] | None = None) -> TrainingRun:
     """The sequence both trainers' jobs share: claim a new output folder, resolve and save the
-    patient-level split, record the settings (config.toml, run.json), train on the train split
-    with the val split, then plot the curves and list the unreadable files."""
+    patient-level split (``check_split`` may refuse it before any training), record the settings
+    (config.toml, run.json), train on the train split with the val split, then plot the curves and
+    list the unreadable files."""
     from data.files import write_json
     from data.runtime.distribute import start_distribution
     from pipeline.report import plot_history
@@ -138,6 +140,8 @@ def run_training_job(records: Sequence[Record], out: str | os.PathLike[str], set
     out = prepare_output_dir(out)
     t0 = time.perf_counter()
     assignment = resolve_splits(records, splits, out, seed=settings.seed, allow_leaks=allow_leaks, progress=progress)
+    if check_split is not None:
+        check_split(assignment)
     train, val = select_split(records, assignment, "train"), select_split(records, assignment, "val")
     if not train or not val:
         raise DatasetError(f"the split leaves {len(train)} training and {len(val)} validation images{what}; "

@@ -1,5 +1,6 @@
 """`cxr export`: a classifier or segmenter bundle as ONNX (checked against Keras), int8 ONNX
-(calibrated on training images) or a SavedModel."""
+(calibrated on training images) or a SavedModel; a U-Net segmenter's encoder as keras.applications
+weights (``encoder``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 from data.runtime.bundle import SIDECAR, BundleError
 
-FORMATS = ("onnx", "onnx-int8", "savedmodel")
+FORMATS = ("onnx", "onnx-int8", "savedmodel", "encoder")
+#: ``--format encoder``: the file written into the bundle, and its record (what the encoder learnt from).
+ENCODER_FILE = "encoder.weights.h5"
 #: Calibration images for int8 when not told otherwise (ONNX Runtime's examples use a few dozen).
 DEFAULT_CALIBRATION_COUNT = 32
 
@@ -50,6 +53,8 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
         ensure_int8(directory, model.model, image_size=model.image_size, source_sha256=model.checkpoint_sha256,
                     calibration=_load_inputs(model, files), calibration_files=[f.as_posix() for f in files])
         return directory / INT8_FILE
+    if fmt == "encoder":
+        return _export_encoder(directory, model)
     if fmt == "savedmodel":
         out = directory / "saved_model"
         tmp = directory / "saved_model.tmp"
@@ -59,6 +64,52 @@ def export_model(directory: str | os.PathLike[str], fmt: str = "onnx", *,
         os.replace(tmp, out)
         return out
     raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def _export_encoder(directory: Path, seg) -> Path:
+    """``encoder.weights.h5`` (keras.applications no-top weights of the U-Net's encoder) and its record
+    ``encoder.weights.h5.json``: the encoder, the source bundle's checkpoint hash, mask kind, input size,
+    and the files and patients it trained and validated on (from its splits.csv), which
+    `cxr train-classifier` checks against its own test split."""
+    import csv
+
+    from data.files import write_json
+    from segmenter.unet import encoder_application
+
+    arch = seg.meta["arch"]
+    if not arch.startswith("unet-"):
+        raise BundleError(f"{directory}: a {arch} model has no keras.applications encoder to export; "
+                          "export the encoder of a U-Net (arch unet-densenet121 or unet-mobilenetv2)")
+    encoder = arch.removeprefix("unet-")
+    splits_file = directory / "splits.csv"
+    if not splits_file.is_file():
+        raise BundleError(f"{splits_file}: missing; without it the images the encoder learnt from are unknown, and "
+                          "a classifier initialised from it could not be checked for test images it saw")
+    with splits_file.open(newline="", encoding="utf-8") as handle:
+        seen = [row for row in csv.DictReader(handle) if row.get("split") in ("train", "val")]
+    out = directory / ENCODER_FILE
+    tmp = directory / ("tmp." + ENCODER_FILE)  # Keras wants the .weights.h5 ending
+    encoder_application(seg.model, encoder, seg.image_size).save_weights(tmp)
+    os.replace(tmp, out)
+    write_json(out.with_name(ENCODER_FILE + ".json"), {
+        "encoder": encoder, "source": str(directory), "source_sha256": seg.checkpoint_sha256, "kind": seg.kind,
+        "image_size": seg.image_size,
+        "trained_on": {"files": sorted(row["file"] for row in seen),
+                       "patients": sorted({row["patient_id"] for row in seen if row.get("patient_id")})}})
+    return out
+
+
+def encoder_record(weights_file: str | os.PathLike[str]) -> dict | None:
+    """The record `cxr export --format encoder` wrote beside ``weights_file``; None for other files."""
+    import json
+
+    record = Path(str(weights_file) + ".json")
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"{record}: unreadable ({err}); export the encoder again") from None
 
 
 def calibration_files(directory: Path, folder: str | os.PathLike[str], count: int) -> list[Path]:

@@ -111,3 +111,17 @@ def build_unet(
     x = layers.Conv2D(num_classes, 3, padding="same", kernel_initializer="glorot_uniform", name="final_conv")(x)
     outputs = layers.Activation(head_activation(num_classes), name="mask")(x)
     return keras.Model(inputs, outputs, name=f"unet_{encoder}")
+
+
+def encoder_application(unet: keras.Model, encoder: str, input_size: int) -> keras.Model:
+    """The trained encoder of a U-Net from :func:`build_unet` as the keras.applications no-top model it
+    was built from (same layer names, its weights copied), so that ``save_weights`` gives a file any
+    ``keras.applications`` constructor takes as ``weights``: an in-domain initialisation for a
+    classifier member where ImageNet weights cannot be had."""
+    enc = ENCODERS[encoder]
+    trained = unet.get_layer(f"{encoder}_encoder")
+    fresh = enc.constructor(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
+    for layer in fresh.layers:
+        if layer.weights:
+            layer.set_weights(trained.get_layer(layer.name).get_weights())
+    return fresh

@@ -114,6 +114,38 @@ def test_set_threshold_changes_the_bundles_cut_and_records_it(seg_model, tmp_pat
     assert main(["set-threshold", "--model", str(seg_model.parent), "--cut", "0.4"]) == 2  # not a bundle
 
 
+def test_export_encoder_gives_keras_applications_weights_and_guards_the_test_split(seg_model, seg_data, tmp_path,
+                                                                                   capsys):
+    import keras
+
+    from data.splits import read_splits
+    from segmenter.model import load_segmenter
+
+    model = tmp_path / "m"
+    shutil.copytree(seg_model, model)
+    assert main(["export", "--model", str(model), "--format", "encoder"]) == 0
+    weights = model / "encoder.weights.h5"
+    assert str(weights) in capsys.readouterr().out
+    record = json.loads((model / "encoder.weights.h5.json").read_text())
+    splits = read_splits(model / "splits.csv")
+    assert record["encoder"] == "mobilenetv2" and record["kind"] == "lesion"
+    assert record["trained_on"]["files"] == sorted(k for k, v in splits.items() if v != "test")
+    # what keras.applications takes as weights: the features of the U-Net's trained encoder
+    encoder = keras.applications.MobileNetV2(include_top=False, weights=str(weights), input_shape=(64, 64, 3))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    trained = load_segmenter(model).model.get_layer("mobilenetv2_encoder")(x)[0]
+    np.testing.assert_allclose(encoder.predict(x, verbose=0), np.asarray(trained), rtol=1e-4, atol=1e-3)
+    assert float(np.abs(np.asarray(trained)).max()) > 0
+    # a classifier member started from it may not be tested on an image the encoder learnt from
+    seen = record["trained_on"]["files"][0]
+    leaky = tmp_path / "splits.csv"
+    leaky.write_text("file,split\n" + "".join(f"{k},{'test' if k == seen else v}\n" for k, v in splits.items()))
+    assert main(["train-classifier", "--data", str(seg_data / "images"), "--out", str(tmp_path / "c"), "--members",
+                 "densenet121", "--weights", str(weights), "--splits", str(leaky)]) == 2
+    err = capsys.readouterr().err
+    assert "densenet121's initial encoder trained on 1 image(s) of this run's test split" in err and seen in err
+
+
 def test_segment_prints_lesions_and_reports_bad_files(seg_model, seg_data, tmp_path, capsys):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"")
