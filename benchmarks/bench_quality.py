@@ -17,7 +17,9 @@ Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivit
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
 epochs in force are printed first. The default profile took 66 minutes on the 2-core reference CPU
 (2026-11-26, nothing else running: RF 4 s, small CNN 384 s, members 685 / 346 / 1,578 s, U-Nets
-508 + 269 s); ``--quick`` took 602 s the same day. Results are written after each stage (``--json``), so an
+508 + 269 s) with the infection U-Net at 64 px; at 96 px it trains in 794 s (about 70 minutes in all,
+measured in parts); ``--quick`` took 602 s the same day. U-Nets are scored by ``cxr evaluate-segmenter``'s
+job (pipeline.segmenter_jobs), each test image at its own size. Results are written after each stage (``--json``), so an
 interrupted run keeps what it finished. Skips with a reason when the data folders are absent.
 """
 
