@@ -64,7 +64,7 @@ def held_out_records(records: Sequence[Record], model_dir: str | os.PathLike[str
         why = "--include-training" if include_training else "the bundle has no splits.csv"
         return list(records), {"scored": "all images", "why": why, "excluded_training_images": 0}
     assignment = read_splits(side)
-    seen = _seen_patients(side)
+    seen = trained_patients(side)
     kept = [r for r in records if assignment.get(r.key) == "test"
             or (r.key not in assignment and not (r.patient_id and r.patient_id in seen))]
     excluded = len(records) - len(kept)
@@ -74,7 +74,7 @@ def held_out_records(records: Sequence[Record], model_dir: str | os.PathLike[str
     return kept, {"scored": "held-out images only", "excluded_training_images": excluded, "splits": str(side)}
 
 
-def _seen_patients(splits_csv: Path) -> set[str]:
+def trained_patients(splits_csv: str | os.PathLike[str]) -> set[str]:
     """Patient ids of a bundle's train and val rows: their other images are not held out either."""
     import csv
 

@@ -71,9 +71,9 @@ def _export_encoder(directory: Path, seg) -> Path:
     ``encoder.weights.h5.json``: the encoder, the source bundle's checkpoint hash, mask kind, input size,
     and the files and patients it trained and validated on (from its splits.csv), which
     `cxr train-classifier` checks against its own test split."""
-    import csv
-
     from data.files import write_json
+    from data.splits import read_splits
+    from pipeline.common import trained_patients
     from segmenter.unet import encoder_application
 
     arch = seg.meta["arch"]
@@ -85,8 +85,7 @@ def _export_encoder(directory: Path, seg) -> Path:
     if not splits_file.is_file():
         raise BundleError(f"{splits_file}: missing; without it the images the encoder learnt from are unknown, and "
                           "a classifier initialised from it could not be checked for test images it saw")
-    with splits_file.open(newline="", encoding="utf-8") as handle:
-        seen = [row for row in csv.DictReader(handle) if row.get("split") in ("train", "val")]
+    seen = sorted(f for f, split in read_splits(splits_file).items() if split in ("train", "val"))
     out = directory / ENCODER_FILE
     tmp = directory / ("tmp." + ENCODER_FILE)  # Keras wants the .weights.h5 ending
     encoder_application(seg.model, encoder, seg.image_size).save_weights(tmp)
@@ -94,8 +93,7 @@ def _export_encoder(directory: Path, seg) -> Path:
     write_json(out.with_name(ENCODER_FILE + ".json"), {
         "encoder": encoder, "source": str(directory), "source_sha256": seg.checkpoint_sha256, "kind": seg.kind,
         "image_size": seg.image_size,
-        "trained_on": {"files": sorted(row["file"] for row in seen),
-                       "patients": sorted({row["patient_id"] for row in seen if row.get("patient_id")})}})
+        "trained_on": {"files": seen, "patients": sorted(trained_patients(splits_file))}})
     return out
 
 
