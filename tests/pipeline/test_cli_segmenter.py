@@ -53,19 +53,26 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
     for label in ("covid", "pneumonia"):
         shutil.copytree(seg_data / "images" / label, images / label)
     (images / "normal").mkdir()
+    masks = tmp_path / "masks"
+    shutil.copytree(seg_data / "masks", masks)
+    (masks / "lung").mkdir()
     for i in range(3):  # no lesion mask: known lesion-free, so never in the Dice of the 8 lesion images
         (images / "normal" / f"n{i}.png").write_bytes(png_bytes(xray_like(72, 64, seed=500 + i)))
-    out = tmp_path / "e"
-    assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(images), "--masks",
-                 str(seg_data / "masks"), "--kind", "lesion", "--bootstrap", "50", "--include-training",
-                 "--out", str(out)]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    free = m["lesion_free"]
+    for i in range(2):  # a lung drawn over the whole image, on two of the three
+        (masks / "lung" / f"n{i}.png").write_bytes(png_bytes(np.full((72, 64), 255, np.uint8)))
+
+    def evaluate(name: str) -> dict:
+        assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(images), "--masks", str(masks),
+                     "--kind", "lesion", "--bootstrap", "50", "--include-training", "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    m = evaluate("e")
+    free = m["lesion_free"]  # one normal without a drawn lung: one definition for all, the whole image
     assert m["n"] == 8 and free["n"] == 3 and free["marked_of"] == "image"
     assert free["with_lesion_found"]["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert 0.0 <= free["marked_pct"]["value"] <= 100.0
     assert "lesion-free X-rays (n 3)" in capsys.readouterr().out
-    with (out / "cut_sweep.csv").open() as handle:  # every cut of the fit's grid, the bundle's cut among them
+    with (tmp_path / "e" / "cut_sweep.csv").open() as handle:  # every cut of the fit's grid, the bundle's among them
         sweep = {float(row["cut"]): row for row in csv.DictReader(handle)}
     assert len(sweep) == 17 and m["threshold"] in sweep
     at_cut = sweep[m["threshold"]]
@@ -75,25 +82,12 @@ def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp
     marked = [float(sweep[c]["lesion_free_marked_pct"]) for c in sorted(sweep)]
     assert marked == sorted(marked, reverse=True)  # a higher cut never marks more
 
-    # drawn lungs: a model without a lung class scores its false alarms on them when every normal has one
-    masks = tmp_path / "masks"
-    shutil.copytree(seg_data / "masks", masks)
-    (masks / "lung").mkdir()
-    whole = np.full((72, 64), 255, np.uint8)
-    for i in range(3):
-        (masks / "lung" / f"n{i}.png").write_bytes(png_bytes(whole))
-
-    def lesion_free_scores(name: str) -> dict:
-        assert main(["evaluate-segmenter", "--model", str(seg_model), "--images", str(images), "--masks", str(masks),
-                     "--kind", "lesion", "--bootstrap", "50", "--include-training", "--out", str(tmp_path / name)]) == 0
-        return json.loads((tmp_path / name / "metrics.json").read_text())["lesion_free"]
-
-    drawn = lesion_free_scores("drawn")  # a lung drawn over the whole image: the image's figures, named so
+    # every normal with a drawn lung: a model without a lung class scores its false alarms on it
+    (masks / "lung" / "n2.png").write_bytes(png_bytes(np.full((72, 64), 255, np.uint8)))
+    drawn = evaluate("drawn")["lesion_free"]  # lungs over the whole image: the image's figures, named so
     assert drawn["marked_of"] == "drawn lung"
     assert drawn["marked_pct"]["value"] == pytest.approx(free["marked_pct"]["value"], abs=1e-6)
     assert drawn["with_lesion_found"]["value"] == free["with_lesion_found"]["value"]
-    (masks / "lung" / "n2.png").unlink()  # one normal without a drawn lung: one definition for all, the image
-    assert lesion_free_scores("mixed")["marked_of"] == "image"
 
 
 def test_set_threshold_changes_the_bundles_cut_and_records_it(seg_model, tmp_path, capsys):
