@@ -200,7 +200,7 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
     t0 = time.perf_counter()
     # held-out normal X-rays are scored for false alarms whatever lesion_free is, on their drawn lung:
     # those without one are left out (the job would otherwise score every one on its whole image)
-    scored = [r for r in records if not settings.lesion_kinds or kind in r.masks or "lung" in r.masks
+    scored = [r for r in records if not settings.lesion_kinds or kind in r.masks or settings.lung_kind in r.masks
               or r.label not in spec.LESION_FREE_CLASSES]
     m = evaluate_segmenter_job(workdir / f"seg_{kind}", scored, workdir / f"seg_{kind}_eval", kind=kind,
                                splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
