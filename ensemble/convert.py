@@ -27,9 +27,14 @@ from data.errors import CxrError
 
 #: Block sizes of DenseNet121 (torchvision denseblock1..4 = Keras conv2..conv5).
 BLOCKS = (6, 12, 24, 16)
-#: The input scaling a converted backbone expects, recorded in its sidecar.
+#: The input scaling a weights file expects, recorded in its sidecar: "xrv" for a converted
+#: torchxrayvision backbone, "keras" for the member's own keras.applications preprocessing (what
+#: ImageNet weights and the encoder of a cxr U-Net, `cxr export --format encoder`, expect).
 XRV_SCALING = "xrv"
-SCALINGS = {XRV_SCALING: "gray = mean(R, G, B); x = gray / 255 * 2048 - 1024 (torchxrayvision's range [-1024, 1024])"}
+KERAS_SCALING = "keras"
+SCALINGS = {XRV_SCALING: "gray = mean(R, G, B); x = gray / 255 * 2048 - 1024 (torchxrayvision's range [-1024, 1024])",
+            KERAS_SCALING: "the member's own keras.applications preprocessing (DenseNet121: x / 255, ImageNet "
+                           "mean and std per channel)"}
 SIDECAR_SUFFIX = ".json"
 
 
@@ -165,7 +170,7 @@ def sidecar_path(weights_file: str | os.PathLike[str]) -> Path:
 
 
 def input_scaling(weights_file: str | os.PathLike[str] | None) -> str | None:
-    """The input scaling a converted weights file records (e.g. "xrv"); None for any other file."""
+    """The input scaling a weights file's sidecar records ("xrv" or "keras"); None for a file without one."""
     if weights_file in (None, "imagenet"):
         return None
     side = sidecar_path(weights_file)
@@ -176,5 +181,6 @@ def input_scaling(weights_file: str | os.PathLike[str] | None) -> str | None:
     except (OSError, json.JSONDecodeError) as err:
         raise ConvertError(f"{side}: unreadable sidecar of converted weights ({err}); convert again") from None
     if scaling not in SCALINGS:
-        raise ConvertError(f"{side}: unknown input_scaling {scaling!r}; known: {', '.join(SCALINGS)}")
+        raise ConvertError(f"{side}: unknown input_scaling {scaling!r} (known: {', '.join(SCALINGS)}); write the "
+                           "file again with the command that made it (cxr convert, or cxr export --format encoder)")
     return scaling

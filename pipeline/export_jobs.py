@@ -73,6 +73,7 @@ def _export_encoder(directory: Path, seg) -> Path:
     `cxr train-classifier` checks against its own test split."""
     from data.files import write_json
     from data.splits import read_splits
+    from ensemble.convert import KERAS_SCALING, SCALINGS, sidecar_path
     from pipeline.common import trained_patients
     from segmenter.unet import encoder_application
 
@@ -90,24 +91,31 @@ def _export_encoder(directory: Path, seg) -> Path:
     tmp = directory / ("tmp." + ENCODER_FILE)  # Keras wants the .weights.h5 ending
     encoder_application(seg.model, encoder, seg.image_size).save_weights(tmp)
     os.replace(tmp, out)
-    write_json(out.with_name(ENCODER_FILE + ".json"), {
+    write_json(sidecar_path(out), {
         "encoder": encoder, "source": str(directory), "source_sha256": seg.checkpoint_sha256, "kind": seg.kind,
         "image_size": seg.image_size,
+        # the scaling the member builder reads from this sidecar (ensemble.convert.input_scaling): the
+        # U-Net's encoder normalises its input as the keras.applications model does
+        "input_scaling": KERAS_SCALING, "input_scaling_formula": SCALINGS[KERAS_SCALING],
         "trained_on": {"files": seen, "patients": sorted(trained_patients(splits_file))}})
     return out
 
 
 def encoder_record(weights_file: str | os.PathLike[str]) -> dict | None:
-    """The record `cxr export --format encoder` wrote beside ``weights_file``; None for other files."""
+    """The record `cxr export --format encoder` wrote beside ``weights_file``; None for other files
+    (among them the weights `cxr convert` writes, whose sidecar records no training images)."""
     import json
 
-    record = Path(str(weights_file) + ".json")
+    from ensemble.convert import sidecar_path
+
+    record = sidecar_path(weights_file)
     if not record.is_file():
         return None
     try:
-        return json.loads(record.read_text(encoding="utf-8"))
+        content = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"{record}: unreadable ({err}); export the encoder again") from None
+    return content if isinstance(content, dict) and "trained_on" in content else None
 
 
 def calibration_files(directory: Path, folder: str | os.PathLike[str], count: int) -> list[Path]:

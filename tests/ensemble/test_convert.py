@@ -123,6 +123,9 @@ def test_cli_converts_an_npz_state_dict_without_torch(tmp_path, capsys):
     assert main(["convert-weights", str(tmp_path / "sd.npz"), "--out", str(out)]) == 0
     assert "input scaling: gray = mean(R, G, B)" in capsys.readouterr().out
     assert json.loads(sidecar_path(out).read_text())["dropped"] == ["classifier.weight"]
+    from pipeline.export_jobs import encoder_record
+
+    assert encoder_record(out) is None  # a converted backbone's sidecar names no training images to check
     loaded = keras.applications.DenseNet121(weights=str(out), include_top=False, input_shape=(64, 64, 3))
     np.testing.assert_allclose(loaded.get_layer("conv5_block16_2_conv").get_weights()[0],
                                state["features.denseblock4.denselayer16.conv2.weight"].transpose(2, 3, 1, 0))

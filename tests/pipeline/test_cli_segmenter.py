@@ -130,6 +130,10 @@ def test_export_encoder_gives_keras_applications_weights_and_guards_the_test_spl
     trained = load_segmenter(model).model.get_layer("mobilenetv2_encoder")(x)[0]
     np.testing.assert_allclose(encoder.predict(x, verbose=0), np.asarray(trained), rtol=1e-4, atol=1e-3)
     assert float(np.abs(np.asarray(trained)).max()) > 0
+    # the member builder reads the same sidecar for the input scaling: the encoder's own, not "xrv"
+    from ensemble.convert import KERAS_SCALING, input_scaling
+
+    assert input_scaling(weights) == KERAS_SCALING
     # a classifier member started from it may not be tested on an image the encoder learnt from
     seen = record["trained_on"]["files"][0]
     leaky = tmp_path / "splits.csv"
