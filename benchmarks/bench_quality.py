@@ -15,12 +15,14 @@ used by everything trained in this run:
 
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
 per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
-epochs in force are printed first. The default profile took 66 minutes on the 2-core reference CPU
-(2026-11-26, nothing else running: RF 4 s, small CNN 384 s, members 685 / 346 / 1,578 s, U-Nets
-508 + 269 s) with the infection U-Net at 64 px; at 96 px it trains in 794 s (about 70 minutes in all,
-measured in parts); ``--quick`` took 602 s the same day. U-Nets are scored by ``cxr evaluate-segmenter``'s
-job (pipeline.segmenter_jobs), each test image at its own size. Results are written after each stage (``--json``), so an
-interrupted run keeps what it finished. Skips with a reason when the data folders are absent.
+epochs in force are printed first. The default profile took 63 minutes end to end on the 2-core
+reference CPU (2026-11-27, nothing else running: RF 4 s, small CNN 332 s, members 642 / 358 / 1,399 s,
+infection U-Net at 96 px 591 s, lung U-Net 267 s of training); ``--quick`` took 602-648 s on 2026-11-26.
+U-Nets are scored by ``cxr evaluate-segmenter``'s job (pipeline.segmenter_jobs), each test image at
+its own size. ``--encoder-from lung`` trains the lung
+U-Net first and starts the ensemble's DenseNet121 from its encoder (``cxr export --format encoder``).
+Results are written after each stage (``--json``), so an interrupted run keeps what it finished.
+Skips with a reason when the data folders are absent.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ DEFAULT_MASKS = [SHARED / "cxr_masks", SHARED / "large" / "cxr_masks"]
 #: 10 member epochs and a 300-image U-Net cap while other jobs shared the CPU (87 min); measured alone
 #: the members train about twice as fast, so it now takes 16 epochs and 600 images (66 min). The
 #: infection U-Net then went from 64 to 96 px (``seg_size``; Dice 0.603 -> 0.644, 460 -> 794 s of
-#: training); the lung U-Net stays at 64 px (``lung_size``), where it already scores 0.92.
+#: training); the lung U-Net stays at 64 px (``lung_size``), where it already scores 0.92. Run end to
+#: end on 2026-11-27 it took 63 min (3,779 s), against the 90-minute budget.
 PROFILES = {
     "default": dict(size=64, epochs=16, max_train=None, seg_size=96, lung_size=64, seg_epochs=10, lung_epochs=4,
                     seg_max_train=600, cnn_epochs=16, members=("densenet121", "efficientnetb0", "vgg19")),
@@ -217,6 +220,23 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
     return row
 
 
+def lung_encoder(bundle: Path, splits_csv: Path, test) -> Path:
+    """Export the lung U-Net's encoder (``cxr export --format encoder``) and check that it saw no
+    image or patient of the test split (it trains on this run's split, so none should be there)."""
+    import shutil
+
+    from pipeline.export_jobs import encoder_record, export_model
+
+    shutil.copy(splits_csv, bundle / "splits.csv")  # the record of what the encoder learnt from
+    path = export_model(bundle, "encoder")
+    seen = encoder_record(path)["trained_on"]
+    files, patients = set(seen["files"]), set(seen["patients"])
+    leaked = [r.key for r in test if r.key in files or (r.patient_id and r.patient_id in patients)]
+    if leaked:
+        raise RuntimeError(f"{path}: the lung encoder saw {len(leaked)} test image(s), e.g. {leaked[:3]}")
+    return path
+
+
 def print_tables(result: dict) -> None:
     print("\n| model | accuracy [95 % CI] | sens. normal / pneumonia / covid | macro AUC | ECE | per-source accuracy | "
           "train s | train img/s |")
@@ -259,6 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a classifier setting over the scratch preset, as TOML "
                          "(e.g. learning_rate=3e-3, augment=false)")
+    ap.add_argument("--encoder-from", choices=("lung",),
+                    help="start the ensemble's DenseNet121 from the encoder of the lung U-Net trained in this run "
+                         "(on this run's training split; the lung step then runs first)")
     ap.add_argument("--seg-set", dest="seg_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting of both segmenters over the scratch preset, as TOML (e.g. lesion_free=0)")
     args = ap.parse_args(argv)
@@ -266,12 +289,16 @@ def main(argv=None) -> int:
 
     overrides = tomllib.loads("\n".join(args.overrides))
     seg_overrides = tomllib.loads("\n".join(args.seg_overrides))
+    if args.encoder_from and ("lung" in args.skip or "ensemble" in args.skip):
+        ap.error("--encoder-from lung trains the lung U-Net and the ensemble: do not skip either")
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
         return 0
     profile = dict(PROFILES["quick" if args.quick else "default"])
     profile.update({k: v for k, v in vars(args).items() if k in profile and v is not None})
+    if args.encoder_from and "densenet121" not in profile["members"]:
+        ap.error("--encoder-from lung gives DenseNet121 its start: keep densenet121 among --members")
     import keras
 
     t_start = time.perf_counter()
@@ -305,35 +332,48 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         splits_csv = work / "splits.csv"  # the one split, as `cxr data split` writes it, for the segmenter scoring
         write_splits(splits_csv, usable, assignment, groups)
-        steps = [
-            ("rf", lambda: [random_forest(train, test, args.bootstrap)]),
-            ("cnn", lambda: [small_cnn(train, val, test, size=profile["size"], epochs=profile["cnn_epochs"],
-                                       n_boot=args.bootstrap)]),
-            ("ensemble", lambda: ensemble_rows(train, val, test, size=profile["size"], epochs=profile["epochs"],
-                                               members=profile["members"], n_boot=args.bootstrap, workdir=work,
-                                               overrides=overrides)),
-        ]
-        for name, step in steps:
-            if name in args.skip:
-                continue
-            t0 = time.perf_counter()
-            result["classifiers"] += step()
-            print(f"[{name}] done in {time.perf_counter() - t0:.0f} s: "
-                  + "; ".join(f"{r['model']} {ci_text(r['accuracy'])}" for r in result["classifiers"][-4:]), flush=True)
-            save()
-        for kind, size, epochs in (("infection", profile["seg_size"], profile["seg_epochs"]),
-                                   ("lung", profile["lung_size"], profile["lung_epochs"])):
-            if kind in args.skip:
-                continue
+        def classifier_step(name, rows):
+            result["classifiers"] += rows
+            print(f"[{name}] done: " + "; ".join(f"{r['model']} {ci_text(r['accuracy'])}" for r in rows[-4:]),
+                  flush=True)
+
+        def segmenter_step(kind, size, epochs):
             try:
                 row = segmenter_row(usable, assignment, splits_csv, kind=kind, size=size, epochs=epochs,
                                     n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"],
                                     overrides=seg_overrides)
             except (ValueError, DatasetError) as err:
                 print(f"[{kind}] skipped: {err}")
-                continue
+                return
             result["segmenters"].append(row)
             print(f"[{kind}] Dice {ci_text(row['dice'])}", flush=True)
+
+        def encoder_step():
+            encoder = lung_encoder(work / "seg_lung", splits_csv, test)
+            overrides["preset"] = "scratch"
+            overrides["weights"] = {m: str(encoder) if m == "densenet121" else "none" for m in profile["members"]}
+            result["settings"]["overrides"] = overrides
+            print(f"[encoder] DenseNet121 starts from {encoder}", flush=True)
+
+        steps = [
+            ("rf", lambda: classifier_step("rf", [random_forest(train, test, args.bootstrap)])),
+            ("cnn", lambda: classifier_step("cnn", [small_cnn(train, val, test, size=profile["size"],
+                                                              epochs=profile["cnn_epochs"], n_boot=args.bootstrap)])),
+            ("ensemble", lambda: classifier_step("ensemble", ensemble_rows(
+                train, val, test, size=profile["size"], epochs=profile["epochs"], members=profile["members"],
+                n_boot=args.bootstrap, workdir=work, overrides=overrides))),
+            ("infection", lambda: segmenter_step("infection", profile["seg_size"], profile["seg_epochs"])),
+            ("lung", lambda: segmenter_step("lung", profile["lung_size"], profile["lung_epochs"])),
+        ]
+        if args.encoder_from:  # the lung U-Net first, then its encoder for the ensemble
+            steps.sort(key=lambda step: step[0] != "lung")
+            steps.insert(1, ("encoder", encoder_step))
+        for name, step in steps:
+            if name in args.skip:
+                continue
+            t0 = time.perf_counter()
+            step()
+            print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
             save()
     save()
     print_tables(result)
