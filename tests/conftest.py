@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-# TensorFlow's C++ start-up notices (oneDNN, CPU features) reach the terminal from pytest-xdist workers,
-# whose output is not captured yet when TensorFlow loads
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
+import keras
 import numpy as np
 import pytest
 
