@@ -19,8 +19,8 @@ epochs in force are printed first. The default profile took 63 minutes end to en
 reference CPU (2026-11-27, nothing else running: RF 4 s, small CNN 332 s, members 642 / 358 / 1,399 s,
 infection U-Net at 96 px 591 s, lung U-Net 267 s of training); ``--quick`` took 602-648 s on 2026-11-26.
 U-Nets are scored by ``cxr evaluate-segmenter``'s job (pipeline.segmenter_jobs), each test image at
-its own size. ``--encoder-from lung`` trains the lung
-U-Net first and starts the ensemble's DenseNet121 from its encoder (``cxr export --format encoder``).
+its own size. ``--encoder-from lung`` trains the lung U-Net first and starts the ensemble's
+DenseNet121 from its encoder (``cxr export --format encoder``).
 Results are written after each stage (``--json``), so an interrupted run keeps what it finished.
 Skips with a reason when the data folders are absent.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -220,20 +221,15 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
     return row
 
 
-def lung_encoder(bundle: Path, splits_csv: Path, test) -> Path:
-    """Export the lung U-Net's encoder (``cxr export --format encoder``) and check that it saw no
-    image or patient of the test split (it trains on this run's split, so none should be there)."""
-    import shutil
+def lung_encoder(bundle: Path, usable, assignment) -> Path:
+    """Export the lung U-Net's encoder (``cxr export --format encoder``), checked by
+    ``cxr train-classifier``'s own leak check against this run's test split (it trains on this run's
+    split, so no test image or patient should be among what it saw)."""
+    from pipeline.classifier_jobs import check_encoder_leaks
+    from pipeline.export_jobs import export_model
 
-    from pipeline.export_jobs import encoder_record, export_model
-
-    shutil.copy(splits_csv, bundle / "splits.csv")  # the record of what the encoder learnt from
     path = export_model(bundle, "encoder")
-    seen = encoder_record(path)["trained_on"]
-    files, patients = set(seen["files"]), set(seen["patients"])
-    leaked = [r.key for r in test if r.key in files or (r.patient_id and r.patient_id in patients)]
-    if leaked:
-        raise RuntimeError(f"{path}: the lung encoder saw {len(leaked)} test image(s), e.g. {leaked[:3]}")
+    check_encoder_leaks(usable, assignment, {"densenet121": str(path)}, allow_leaks=False)
     return path
 
 
@@ -349,7 +345,8 @@ def main(argv=None) -> int:
             print(f"[{kind}] Dice {ci_text(row['dice'])}", flush=True)
 
         def encoder_step():
-            encoder = lung_encoder(work / "seg_lung", splits_csv, test)
+            shutil.copy(splits_csv, work / "seg_lung" / "splits.csv")  # the record of what the encoder learnt from
+            encoder = lung_encoder(work / "seg_lung", usable, assignment)
             overrides["preset"] = "scratch"
             overrides["weights"] = {m: str(encoder) if m == "densenet121" else "none" for m in profile["members"]}
             result["settings"]["overrides"] = overrides

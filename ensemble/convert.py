@@ -179,7 +179,8 @@ def input_scaling(weights_file: str | os.PathLike[str] | None) -> str | None:
     try:
         scaling = json.loads(side.read_text(encoding="utf-8")).get("input_scaling")
     except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{side}: unreadable sidecar of converted weights ({err}); convert again") from None
+        raise ConvertError(f"{side}: unreadable sidecar ({err}); write the file again with the command that made "
+                          "it (cxr convert, or cxr export --format encoder)") from None
     if scaling not in SCALINGS:
         raise ConvertError(f"{side}: unknown input_scaling {scaling!r} (known: {', '.join(SCALINGS)}); write the "
                            "file again with the command that made it (cxr convert, or cxr export --format encoder)")

@@ -59,13 +59,13 @@ def train_classifier_job(
     weight_files = {m: resolve_weights(m, settings.weights) for m in settings.members}
     run = run_training_job(records, out, settings, train_classifier, splits=splits, allow_leaks=allow_leaks,
                            progress=progress, verbose=verbose,
-                           check_split=lambda a: _check_encoder_leaks(records, a, weight_files, allow_leaks))
+                           check_split=lambda a: check_encoder_leaks(records, a, weight_files, allow_leaks))
     counts = {s: sum(1 for v in run.assignment.values() if v == s) for s in SPLIT_NAMES}
     return TrainJobResult(run.out, run.result.history, run.result.temperature, counts, run.result.failures,
                           run.seconds)
 
 
-def _check_encoder_leaks(records: Sequence[Record], assignment: dict[str, str], weight_files: dict[str, str | None],
+def check_encoder_leaks(records: Sequence[Record], assignment: dict[str, str], weight_files: dict[str, str | None],
                          allow_leaks: bool) -> None:
     """DatasetError when a member starts from a segmenter's encoder (`cxr export --format encoder`)
     that trained or validated on images, or patients, of this run's test split: its test scores
