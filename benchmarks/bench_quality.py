@@ -213,7 +213,8 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
            "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
            "train_img_per_s": round(res.n_train * epochs / seconds, 2),
            "eval_seconds": round(time.perf_counter() - t0, 1),
-           "threshold": m["threshold"], "threshold_fit": res.segmenter.meta.get("threshold_fit")}
+           "threshold": m["threshold"], "threshold_fit": res.segmenter.meta.get("threshold_fit"),
+           "dice_by_lesion_size": m.get("by_lesion_size")}
     free = m.get("lesion_free")
     if free:
         row["lesion_free_test"] = {"n": free["n"], "with_lesion_found": free["with_lesion_found"],
@@ -257,6 +258,11 @@ def print_tables(result: dict) -> None:
             print(f"| {r['model']} | {r['n_train']} ({r.get('n_train_lesion_free', 0)}) / {r['n_test']} | "
                   f"{ci_text(r['dice'])} | {ci_text(r['iou'])} | {cut} | {alarms} | {r['train_seconds']} | "
                   f"{r['train_img_per_s']} |")
+        for r in result["segmenters"]:
+            sizes = {b: v for b, v in (r.get("dice_by_lesion_size") or {}).items() if isinstance(v, dict)}
+            if sizes:
+                print(f"\n{r['model']}, Dice by drawn lesion size (share of the image): "
+                      + "; ".join(f"{b} {ci_text(v['dice'])} (n {v['n']})" for b, v in sizes.items()))
 
 
 def main(argv=None) -> int:

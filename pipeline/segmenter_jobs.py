@@ -106,12 +106,13 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     the image) marked. The lung is the model's own where it segments one, else the drawn lung
     (``seg.lung_kind`` masks) when every lesion-free record has one, else the whole image
     (metrics["lesion_free"]["marked_of"] says which). cut_sweep.csv gives both at every cut of
-    segmenter.metrics.THRESHOLD_GRID.
+    segmenter.metrics.THRESHOLD_GRID. For a lesion kind, metrics["by_lesion_size"] gives the Dice within
+    each band of drawn-lesion size (segmenter.metrics.LESION_SIZE_EDGES_PCT; per_image.csv's lesion_pct).
 
     ``engine`` runs the model on Keras, ONNX Runtime or its int8 export (data.runtime.engines.ENGINES).
     """
     from data.masks import confusion, scores_from_counts, segmentation_scores
-    from segmenter.metrics import hausdorff95
+    from segmenter.metrics import hausdorff95, lesion_size_band, lesion_size_bands
     from segmenter.model import class_masks, load_segmenter
 
     seg = load_segmenter(model_dir)
@@ -165,7 +166,8 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         h = hausdorff95(truth, pred)
         if h is not None:
             hd.append(h)
-        rows.append({"file": records[i].key, **scores, "hd95": h, "_patient": patient})
+        rows.append({"file": records[i].key, **scores, "hd95": h, "lesion_pct": round(100.0 * float(truth.mean()), 3),
+                     "_patient": patient})
         if len(examples) < gallery:
             examples.append((records[i].key, orig, truth, pred))
     if not rows:
@@ -188,6 +190,14 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
             "with_lesion_found": mean_ci([float(f) for f, _, _ in free], n_boot=n_boot, groups=groups),
             "marked_pct": mean_ci([p for _, p, _ in free], n_boot=n_boot, groups=groups),
             "marked_of": marked_of}
+    if kind != seg.lung_kind:  # Dice falls with lesion size: each band of it scored apart
+        bands = [lesion_size_band(r["lesion_pct"]) for r in rows]
+        metrics["by_lesion_size"] = {
+            "of": "share of the image the drawn lesion covers, %",
+            **{b: {"n": bands.count(b),
+                   "dice": mean_ci([r["dice"] for r, rb in zip(rows, bands) if rb == b], n_boot=n_boot,
+                                   groups=[g for g, rb in zip(patients, bands) if rb == b])}
+               for b in lesion_size_bands() if b in bands}}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
@@ -197,7 +207,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
                           "engine": engine})
     write_json(out / "metrics.json", metrics)
     with (out / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
-        w = csv.DictWriter(handle, fieldnames=["file", *SEGMENTATION_SCORES, "hd95"])
+        w = csv.DictWriter(handle, fieldnames=["file", *SEGMENTATION_SCORES, "hd95", "lesion_pct"])
         w.writeheader()
         w.writerows(rows)
     sweep.write(out / "cut_sweep.csv")

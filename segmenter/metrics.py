@@ -18,6 +18,26 @@ from data.masks import components, confusion, remove_small
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10, 0.15, …, 0.90
 
 
+#: Upper edges (% of the image) of the bands of drawn-lesion size that evaluation scores apart. Per-image
+#: Dice falls steeply with lesion size (README "Model quality"), so a test set's mean Dice depends on its
+#: mix of small and large lesions; these bands show that mix and the Dice within each band.
+LESION_SIZE_EDGES_PCT = (5.0, 10.0, 20.0)
+
+
+def lesion_size_bands(edges: Sequence[float] = LESION_SIZE_EDGES_PCT) -> tuple[str, ...]:
+    """Band names in size order: "<5 %", "5-10 %", "10-20 %", ">=20 %" for the default edges."""
+    inner = [f"{lo:g}-{hi:g} %" for lo, hi in zip(edges, edges[1:])]
+    return (f"<{edges[0]:g} %", *inner, f">={edges[-1]:g} %")
+
+
+def lesion_size_band(pct: float, edges: Sequence[float] = LESION_SIZE_EDGES_PCT) -> str:
+    """The band of ``lesion_size_bands(edges)`` that a lesion covering ``pct`` % of its image falls in
+    (each band holds its lower edge)."""
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"lesion share {pct} % out of [0, 100]")
+    return lesion_size_bands(edges)[int(np.searchsorted(np.asarray(edges), pct, side="right"))]
+
+
 class CutCounts:
     """(TP, FP, FN) pixel counts at every cut of ``cuts``, summed over the images added: the pooled
     Dice per cut that the threshold fit chooses from and evaluation's cut sweep reports."""

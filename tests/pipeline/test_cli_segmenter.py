@@ -44,7 +44,14 @@ def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
         lo, hi = m[k]["ci95"]
         assert 0.0 <= lo <= m[k]["value"] <= hi <= 1.0
     assert (out / "gallery.png").stat().st_size > 0
-    assert (out / "per_image.csv").read_text().count("\n") == 9
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert len(rows) == 8
+    # every drawn lesion is 20 x 24 px of a 72 x 64 image: 10.42 %, so all fall in one band, whose Dice
+    # is the mean over all of them
+    assert [float(r["lesion_pct"]) for r in rows] == pytest.approx([100 * 20 * 24 / (72 * 64)] * 8, abs=1e-3)
+    sizes = m["by_lesion_size"]
+    assert set(sizes) == {"of", "10-20 %"} and sizes["10-20 %"]["n"] == 8
+    assert sizes["10-20 %"]["dice"]["value"] == pytest.approx(m["dice"]["value"])
 
 
 def test_normal_x_rays_are_scored_apart_as_false_alarms(seg_model, seg_data, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 
 from data.masks import segmentation_scores
 from segmenter.losses import bce_dice_loss, dice_loss, focal_tversky_loss, get_loss
-from segmenter.metrics import hausdorff95, lesions, lung_affected_pct
+from segmenter.metrics import hausdorff95, lesion_size_band, lesion_size_bands, lesions, lung_affected_pct
 
 
 def test_scores_by_hand():
@@ -61,6 +61,19 @@ def test_hausdorff95():
     assert hausdorff95(a, a) == 0.0
     assert 2.0 <= hausdorff95(a, b) <= 3.5
     assert hausdorff95(a, np.zeros_like(a)) is None
+
+
+@pytest.mark.parametrize("pct, band", [(0.0, "<5 %"), (4.99, "<5 %"), (5.0, "5-10 %"), (9.99, "5-10 %"),
+                                       (10.0, "10-20 %"), (20.0, ">=20 %"), (100.0, ">=20 %")])
+def test_lesion_size_bands_hold_their_lower_edge(pct, band):
+    assert lesion_size_band(pct) == band
+    assert lesion_size_bands() == ("<5 %", "5-10 %", "10-20 %", ">=20 %")
+    assert lesion_size_band(pct, edges=(50.0,)) == ("<50 %" if pct < 50 else ">=50 %")
+
+
+def test_lesion_size_band_refuses_a_share_outside_0_to_100():
+    with pytest.raises(ValueError, match="out of"):
+        lesion_size_band(120.0)
 
 
 def test_losses():
