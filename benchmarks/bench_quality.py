@@ -259,7 +259,7 @@ def print_tables(result: dict) -> None:
                   f"{ci_text(r['dice'])} | {ci_text(r['iou'])} | {cut} | {alarms} | {r['train_seconds']} | "
                   f"{r['train_img_per_s']} |")
         for r in result["segmenters"]:
-            sizes = {b: v for b, v in (r.get("dice_by_lesion_size") or {}).items() if isinstance(v, dict)}
+            sizes = (r.get("dice_by_lesion_size") or {}).get("bands")
             if sizes:
                 print(f"\n{r['model']}, Dice by drawn lesion size (share of the image): "
                       + "; ".join(f"{b} {ci_text(v['dice'])} (n {v['n']})" for b, v in sizes.items()))

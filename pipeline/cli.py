@@ -183,7 +183,7 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
         print(f"{k:<9} {api.ci_text(m[k])}")
     for c, cm in m.get("per_class", {}).items():
         print(f"{c}: dice {api.ci_text(cm['dice'])}, iou {api.ci_text(cm['iou'])} (n {cm['n']})")
-    sizes = {b: v for b, v in m.get("by_lesion_size", {}).items() if isinstance(v, dict)}
+    sizes = m.get("by_lesion_size", {}).get("bands")
     if sizes:
         print("dice by drawn lesion size (share of the image): "
               + "; ".join(f"{b} {api.ci_text(v['dice'])} (n {v['n']})" for b, v in sizes.items()))

@@ -166,7 +166,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         h = hausdorff95(truth, pred)
         if h is not None:
             hd.append(h)
-        rows.append({"file": records[i].key, **scores, "hd95": h, "lesion_pct": round(100.0 * float(truth.mean()), 3),
+        rows.append({"file": records[i].key, **scores, "hd95": h, "lesion_pct": 100.0 * float(truth.mean()),
                      "_patient": patient})
         if len(examples) < gallery:
             examples.append((records[i].key, orig, truth, pred))
@@ -194,10 +194,10 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
         bands = [lesion_size_band(r["lesion_pct"]) for r in rows]
         metrics["by_lesion_size"] = {
             "of": "share of the image the drawn lesion covers, %",
-            **{b: {"n": bands.count(b),
-                   "dice": mean_ci([r["dice"] for r, rb in zip(rows, bands) if rb == b], n_boot=n_boot,
-                                   groups=[g for g, rb in zip(patients, bands) if rb == b])}
-               for b in lesion_size_bands() if b in bands}}
+            "bands": {b: {"n": bands.count(b),
+                          "dice": mean_ci([r["dice"] for r, rb in zip(rows, bands) if rb == b], n_boot=n_boot,
+                                          groups=[g for g, rb in zip(patients, bands) if rb == b])}
+                      for b in lesion_size_bands() if b in bands}}
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}

@@ -49,8 +49,8 @@ def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
     # every drawn lesion is 20 x 24 px of a 72 x 64 image: 10.42 %, so all fall in one band, whose Dice
     # is the mean over all of them
     assert [float(r["lesion_pct"]) for r in rows] == pytest.approx([100 * 20 * 24 / (72 * 64)] * 8, abs=1e-3)
-    sizes = m["by_lesion_size"]
-    assert set(sizes) == {"of", "10-20 %"} and sizes["10-20 %"]["n"] == 8
+    sizes = m["by_lesion_size"]["bands"]
+    assert set(sizes) == {"10-20 %"} and sizes["10-20 %"]["n"] == 8
     assert sizes["10-20 %"]["dice"]["value"] == pytest.approx(m["dice"]["value"])
 
 
