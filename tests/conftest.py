@@ -145,7 +145,10 @@ def _hand_out(clf, seg):
 
 @pytest.fixture(scope="session")
 def mixed_folder(tmp_path_factory, bad_corpus):
-    """Good X-rays (real ones from ../shared/data when present, generated otherwise) plus the bad corpus."""
+    """Good X-rays plus the bad corpus. Six good ones lie at the top of the folder, which a run reads
+    before its subfolders (data.datasets.walk_images): real ones from ../shared/data when present, else
+    generated, so the folder has the same shape either way (a run stopped after 3 images has met no bad
+    file, whether or not ../shared is there)."""
     d = tmp_path_factory.mktemp("mixed")
     real = SHARED_DATA / "cxr"
     good = []
@@ -154,6 +157,10 @@ def mixed_folder(tmp_path_factory, bad_corpus):
             for p in sorted((real / label).glob("*.png"))[:2]:
                 shutil.copy(p, d / f"real_{p.name}")
                 good.append(f"real_{p.name}")
+    else:
+        for i in range(6):
+            (d / f"top_g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=310 + i)))
+            good.append(f"top_g{i}.png")
     for i in range(3):
         (d / "gen").mkdir(exist_ok=True)
         (d / "gen" / f"g{i}.png").write_bytes(png_bytes(xray_like(90, 80, seed=300 + i)))
