@@ -14,7 +14,8 @@ used by everything trained in this run:
   model also trains on lesion-free normal X-rays, and is scored on held-out ones for false alarms).
 
 Printed: accuracy with a 95 % CI (bootstrap over patients), per-class sensitivity, macro AUC,
-per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs. The sizes and
+per-source accuracy, ECE, training wall time and img/s; then Dice/IoU with CIs (for the infection
+U-Net also within bands of lesion size, as ``cxr evaluate-segmenter`` reports them). The sizes and
 epochs in force are printed first. The default profile took 63 minutes end to end on the 2-core
 reference CPU (2026-11-27, nothing else running: RF 4 s, small CNN 332 s, members 642 / 358 / 1,399 s,
 infection U-Net at 96 px 591 s, lung U-Net 267 s of training); ``--quick`` took 602-648 s on 2026-11-26.
@@ -46,7 +47,7 @@ from data.datasets import DatasetError, load_example  # noqa: E402
 from data.io import ImageReadError  # noqa: E402
 from data.splits import assign_splits, group_records, hash_records, select_split, write_splits  # noqa: E402
 from pipeline.common import patient_ids  # noqa: E402
-from pipeline.report import ci_text  # noqa: E402
+from pipeline.report import ci_text, lesion_size_text  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_DATA = [SHARED / "cxr", SHARED / "large" / "cxr"]
@@ -259,10 +260,9 @@ def print_tables(result: dict) -> None:
                   f"{ci_text(r['dice'])} | {ci_text(r['iou'])} | {cut} | {alarms} | {r['train_seconds']} | "
                   f"{r['train_img_per_s']} |")
         for r in result["segmenters"]:
-            sizes = (r.get("dice_by_lesion_size") or {}).get("bands")
+            sizes = lesion_size_text(r.get("dice_by_lesion_size"))
             if sizes:
-                print(f"\n{r['model']}, Dice by drawn lesion size (share of the image): "
-                      + "; ".join(f"{b} {ci_text(v['dice'])} (n {v['n']})" for b, v in sizes.items()))
+                print(f"\n{r['model']}: {sizes}")
 
 
 def main(argv=None) -> int:

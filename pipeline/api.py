@@ -26,7 +26,7 @@ from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
 from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
 from pipeline.outputs import describe_os_error
 from pipeline.ray_run import RayOptions
-from pipeline.report import ci_text, metrics_table
+from pipeline.report import ci_text, lesion_size_text, metrics_table
 from segmenter.schemes import ARCHS as SEGMENTER_ARCHS
 from segmenter.schemes import CLASS_SCHEMES as SEGMENTER_CLASS_SCHEMES
 from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
@@ -36,11 +36,11 @@ from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
 __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS",
            "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SCALES", "SEGMENTATION_SCORES", "SEGMENTER_ARCHS",
            "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions", "ServeSettings", "ci_text",
-           "describe_os_error", "metrics_table", "CheckResult", "ExportResult", "Models", "SplitResult",
-           "check_data", "convert_weights", "demo", "evaluate_classifier", "evaluate_segmenter", "export_model",
-           "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks", "load_models",
-           "predict", "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve", "set_threshold",
-           "split_data", "train_classifier", "train_segmenter"]
+           "describe_os_error", "lesion_size_text", "metrics_table", "CheckResult", "ExportResult", "Models",
+           "SplitResult", "check_data", "convert_weights", "demo", "evaluate_classifier", "evaluate_segmenter",
+           "export_model", "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks",
+           "load_models", "predict", "progress_bar", "reproduce", "run_ct", "run_folder", "segment", "serve",
+           "set_threshold", "split_data", "train_classifier", "train_segmenter"]
 PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 

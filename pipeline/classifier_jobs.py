@@ -66,7 +66,7 @@ def train_classifier_job(
 
 
 def check_encoder_leaks(records: Sequence[Record], assignment: dict[str, str], weight_files: dict[str, str | None],
-                         allow_leaks: bool) -> None:
+                        allow_leaks: bool) -> None:
     """DatasetError when a member starts from a segmenter's encoder (`cxr export --format encoder`)
     that trained or validated on images, or patients, of this run's test split: its test scores
     would not be held-out ones. ``--allow-leaks`` lets it through."""

@@ -183,10 +183,9 @@ def _cmd_evaluate_segmenter(args: argparse.Namespace) -> int:
         print(f"{k:<9} {api.ci_text(m[k])}")
     for c, cm in m.get("per_class", {}).items():
         print(f"{c}: dice {api.ci_text(cm['dice'])}, iou {api.ci_text(cm['iou'])} (n {cm['n']})")
-    sizes = m.get("by_lesion_size", {}).get("bands")
+    sizes = api.lesion_size_text(m.get("by_lesion_size"))
     if sizes:
-        print("dice by drawn lesion size (share of the image): "
-              + "; ".join(f"{b} {api.ci_text(v['dice'])} (n {v['n']})" for b, v in sizes.items()))
+        print(sizes)
     if m["hd95"]["value"] is not None:
         print(f"hd95      {m['hd95']['value']:.1f} px (n {m['hd95']['n']})")
     free = m.get("lesion_free")

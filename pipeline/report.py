@@ -124,3 +124,13 @@ def ci_text(entry: dict[str, Any] | None, digits: int = 3) -> str:
     ci = entry.get("ci95")
     text = f"{entry['value']:.{digits}f}"
     return text + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def lesion_size_text(by_lesion_size: dict[str, Any] | None) -> str | None:
+    """evaluate-segmenter's ``metrics["by_lesion_size"]`` as one line ("<5 % 0.401 [0.329, 0.476] (n 29);
+    ..."), None where it is absent (a lung model) or has no band."""
+    bands = (by_lesion_size or {}).get("bands")
+    if not bands:
+        return None
+    return ("Dice by drawn lesion size (share of the image): "
+            + "; ".join(f"{b} {ci_text(v['dice'])} (n {v['n']})" for b, v in bands.items()))
