@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -241,7 +242,7 @@ def train_classifier(
     val_ds = make_dataset(val, cache=True, **common)  # every validation image: calibration below
     fit_val_ds = make_dataset(val, cache=True, **fit_common) if dist else val_ds
     with distribution_scope(dist), synchronized_batchnorm(model, dist):
-        history, seconds = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw, n_train=len(train),
+        history, seconds, epochs_run = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw, n_train=len(train),
                                       out_dir=out_dir, verbose=verbose)
     model = off_strategy(model, dist)
     # One pass over the training images without augmentation (what inference will see): the first
@@ -271,6 +272,7 @@ def train_classifier(
         "temperature": cal.temperature,
         "bn_reestimate_batches": bn_batches,
         "train_seconds": seconds,
+        "epochs_run": epochs_run,  # per unit; fewer than settings.epochs where time_budget_s ended a fit
     }
     if cal.temperature >= TEMPERATURE_WARNING:
         # A temperature this high flattens every probability towards 1/3: the model's validation
@@ -297,15 +299,22 @@ def _weight_file_hashes(settings: ClassifierSettings) -> dict[str, str]:
 
 def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitRecipe, train_ds, val_ds,
                class_weights: dict[str, float], *, n_train: int, out_dir: Path,
-               verbose: int | None) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Fit each training unit (:func:`training_units`) in turn; (merged history, seconds per unit)."""
+               verbose: int | None) -> tuple[dict[str, list[float]], dict[str, float], dict[str, int]]:
+    """Fit each training unit (:func:`training_units`) in turn; (merged history, seconds per unit,
+    epochs run per unit)."""
     cw_vec = np.array([class_weights[c] for c in spec.CLASS_NAMES], dtype=np.float32)
     # Keep the loss scale comparable whatever the table's units (the paper's are in the thousands).
     cw_vec = cw_vec / max(float(np.average(cw_vec[cw_vec > 0])), 1e-12)
     units = training_units(settings)
     history: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for name, outputs, lr in units:
+    epochs_run: dict[str, int] = {}
+    # a time budget covers every unit: each gets an equal share of what the units before it left
+    deadline = time.monotonic() + recipe.time_budget_s
+    for i, (name, outputs, lr) in enumerate(units):
+        if recipe.time_budget_s > 0:
+            share = max(deadline - time.monotonic(), 0.0) / (len(units) - i)
+            recipe = dataclasses.replace(recipe, time_budget_s=max(share, 1e-3))  # ≤ 0 left: one epoch
         # A training view over the ensemble's own layers with only this unit's outputs: fitting it
         # updates this unit's weights in `model`; the saved model keeps every output.
         out_spec = model.output[outputs[0]] if len(outputs) == 1 else {o: model.output[o] for o in outputs}
@@ -320,13 +329,14 @@ def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitReci
             out_dir=out_dir, prefix=f"{name}." if len(units) > 1 else "", verbose=verbose,
         )
         seconds[name] = fitted.seconds
+        epochs_run[name] = fitted.epochs_run
         for key, values in fitted.history.items():
             if len(outputs) == 1:  # name the output, as a multi-output fit does
                 key = f"val_{outputs[0]}_{key[4:]}" if key.startswith("val_") else f"{outputs[0]}_{key}"
             history[key] = values
     if len(units) > 1:
         write_history_csv(out_dir / "training_log.csv", history)
-    return history, seconds
+    return history, seconds, epochs_run
 
 
 @dataclass

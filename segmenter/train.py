@@ -176,7 +176,7 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
             "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
             "distribute": dist.record() if dist else None, "modality": settings.modality,
             "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}
-    config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val),
+    config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val), "epochs_run": fitted.epochs_run,
               "n_train_lesion_free": sum(is_lesion_free(r, settings) for r in train),
               "n_val_lesion_free": sum(is_lesion_free(r, settings) for r in val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import keras
 import numpy as np
@@ -34,8 +35,10 @@ def apply_preset(values: Mapping[str, Any], presets: Mapping[str, Mapping[str, A
 
 
 def check_recipe(*, optimizer: str, lr_schedule: str, warmup_epochs: int, epochs: int, label_smoothing: float = 0.0,
-                 bn_momentum: float | None = None, weight_decay: float = 0.0) -> None:
+                 bn_momentum: float | None = None, weight_decay: float = 0.0, time_budget_s: float = 0.0) -> None:
     """ValueError naming the bad recipe value (used by both settings classes)."""
+    if not (time_budget_s >= 0 and math.isfinite(time_budget_s)):
+        raise ValueError(f"time_budget_s {time_budget_s} must be a number of seconds ≥ 0 (0: no budget)")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if lr_schedule not in SCHEDULES:
@@ -68,6 +71,7 @@ class RecipeSettings:
     bn_momentum: float | None = None  # None keeps Keras' 0.99
     bn_reestimate_batches: int = 0
     select_best: bool = True  # keep the best-val-loss epoch (False: the last epoch, as a plain fit)
+    time_budget_s: float = 0.0  # > 0: wall seconds for the fit; the epochs that fit (≤ epochs) run (WallTimeBudget)
     distribute: str = "none"  # "mirrored": several devices of one host (data.runtime.distribute)
     replicas: int = 0  # with "mirrored": how many devices (0: every GPU)
 
@@ -77,7 +81,7 @@ class RecipeSettings:
             raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(presets)}")
         check_recipe(optimizer=self.optimizer, lr_schedule=self.lr_schedule, warmup_epochs=self.warmup_epochs,
                      epochs=max(epochs, 1), label_smoothing=label_smoothing, bn_momentum=self.bn_momentum,
-                     weight_decay=self.weight_decay)
+                     weight_decay=self.weight_decay, time_budget_s=self.time_budget_s)
         if self.bn_reestimate_batches < 0:
             raise ValueError("bn_reestimate_batches must be ≥ 0")
         from data.runtime.distribute import check_distribute
@@ -108,12 +112,82 @@ def build_lr_schedule(learning_rate: float, *, schedule: str, epochs: int, steps
     warm-up + cosine decay to 0."""
     if schedule != "cosine":
         return learning_rate
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(warmup_epochs, epochs // 2) * steps_per_epoch
+    return _warmup_cosine(learning_rate, total_steps=max(1, epochs * steps_per_epoch),
+                          warmup_steps=min(warmup_epochs, epochs // 2) * steps_per_epoch)
+
+
+def _warmup_cosine(learning_rate: float, *, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    warmup = min(warmup_steps, total_steps - 1)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=total - warmup,
+        initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=total_steps - warmup,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup,
     )
+
+
+class WallTimeBudget(keras.callbacks.Callback):
+    """Fits a run into ``seconds`` of wall time: after each epoch it plans how many of the
+    ``max_epochs`` fit in the time left, at the pace of the last epoch, and stops the fit when no
+    further epoch fits. The plan is made from the second epoch on (the first carries the tracing of
+    the train and validation steps) and only ever shrinks. At least one epoch always runs.
+
+    With ``learning_rate`` given (the "cosine" schedule) it owns the learning rate: each batch it
+    sets the optimizer's rate to :func:`build_lr_schedule`'s warm-up (that of the full run) and cosine
+    decay to 0 at the end of the *planned* epochs, so a shortened run still ends at a low rate. (The JAX
+    trainer reads optimizer variables once per epoch, so there the rate steps once per epoch.)
+    Each epoch's wall seconds and the plan go into the logs (``epoch_seconds``, ``planned_epochs``).
+    """
+
+    def __init__(self, seconds: float, *, max_epochs: int, steps_per_epoch: int, learning_rate: float | None = None,
+                 warmup_epochs: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        if seconds <= 0:
+            raise ValueError(f"a time budget needs seconds > 0, got {seconds}")
+        self.seconds, self.max_epochs, self.steps_per_epoch = float(seconds), max_epochs, steps_per_epoch
+        self.learning_rate, self.warmup_epochs, self._clock = learning_rate, warmup_epochs, clock
+        self.planned = max_epochs
+        self.epoch_seconds: list[float] = []
+        self._schedule = self._build_schedule()
+        self._t0 = self._epoch_t0 = 0.0
+        self._epoch = 0
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the budget ended the fit before ``max_epochs``."""
+        return self.planned < self.max_epochs
+
+    def _build_schedule(self):
+        if self.learning_rate is None:
+            return None
+        # the warm-up is the one the full run would have (it is over before the plan is made)
+        return _warmup_cosine(self.learning_rate, total_steps=max(1, self.planned * self.steps_per_epoch),
+                              warmup_steps=min(self.warmup_epochs, self.max_epochs // 2) * self.steps_per_epoch)
+
+    def on_train_begin(self, logs=None) -> None:
+        self._t0 = self._clock()
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._epoch, self._epoch_t0 = epoch, self._clock()
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        if self._schedule is not None:
+            self.model.optimizer.learning_rate = float(self._schedule(self._epoch * self.steps_per_epoch + batch))
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        now = self._clock()
+        took = now - self._epoch_t0
+        self.epoch_seconds.append(took)
+        left = self.seconds - (now - self._t0)
+        if epoch >= 1 or left <= 0:
+            fits = int(left // took) if left > 0 and took > 0 else 0
+            plan = max(epoch + 1, min(self.planned, epoch + 1 + fits))
+            if plan != self.planned:
+                self.planned = plan
+                self._schedule = self._build_schedule()
+        if epoch + 1 >= self.planned:
+            self.model.stop_training = True
+        if logs is not None:
+            logs.update(epoch_seconds=took, planned_epochs=float(self.planned))
 
 
 def build_callbacks(out_dir: Path, *, schedule: str, early_stopping_patience: int, reduce_lr_patience: int,
@@ -248,6 +322,7 @@ class FitRecipe:
     bn_reestimate_batches: int = 0
     select_best: bool = True
     run_eagerly: bool = False
+    time_budget_s: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> FitRecipe:
@@ -256,11 +331,14 @@ class FitRecipe:
 
 @dataclasses.dataclass
 class FitOutcome:
-    """What :func:`fit_best` leaves: the Keras history (floats), wall seconds and the checkpoint."""
+    """What :func:`fit_best` leaves: the Keras history (floats), wall seconds, the checkpoint, the
+    epochs run and whether a time budget (``FitRecipe.time_budget_s``) ended the fit early."""
 
     history: dict[str, list[float]]
     seconds: float
     checkpoint: Path
+    epochs_run: int = 0
+    cut_short: bool = False
 
 
 def prepare_for_training(model: keras.Model, recipe: FitRecipe) -> None:
@@ -283,12 +361,19 @@ def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_trai
     """Compile ``model`` with the recipe's optimiser and schedule, fit it on the streams with the
     best-val-loss checkpoint and CSV log (:func:`build_callbacks`, files named with ``prefix``),
     then load the best epoch's weights back (unless ``recipe.select_best`` is off: the last epoch's
-    weights stay). ``learning_rate`` overrides the recipe's (per unit)."""
-    import time
-
+    weights stay). ``learning_rate`` overrides the recipe's (per unit). With ``recipe.time_budget_s``
+    a :class:`WallTimeBudget` runs the epochs that fit (and owns a cosine schedule's rate)."""
+    lr = learning_rate or recipe.learning_rate
+    steps = steps_per_epoch(n_train, recipe.batch_size)
+    budget = None
+    if recipe.time_budget_s > 0:
+        budget = WallTimeBudget(recipe.time_budget_s, max_epochs=recipe.epochs, steps_per_epoch=steps,
+                                learning_rate=lr if recipe.lr_schedule == "cosine" else None,
+                                warmup_epochs=recipe.warmup_epochs)
     model.compile(
-        optimizer=build_optimizer(recipe.optimizer, learning_rate or recipe.learning_rate, schedule=recipe.lr_schedule,
-                                  epochs=recipe.epochs, steps_per_epoch=steps_per_epoch(n_train, recipe.batch_size),
+        # under a budget the callback sets a cosine run's rate each batch, so the optimizer holds a plain rate
+        optimizer=build_optimizer(recipe.optimizer, lr, schedule="constant" if budget and budget.learning_rate
+                                  else recipe.lr_schedule, epochs=recipe.epochs, steps_per_epoch=steps,
                                   warmup_epochs=recipe.warmup_epochs, weight_decay=recipe.weight_decay),
         loss=loss, metrics=metrics, run_eagerly=recipe.run_eagerly, jit_compile=False,
     )
@@ -296,6 +381,8 @@ def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_trai
                                       early_stopping_patience=recipe.early_stopping_patience,
                                       reduce_lr_patience=recipe.reduce_lr_patience,
                                       reduce_lr_factor=recipe.reduce_lr_factor)
+    if budget is not None:
+        callbacks.insert(0, budget)  # first: the CSV log and the history see its epoch_seconds
     t0 = time.perf_counter()
     hist = fit_streamed(model, train, validation_data=validation, epochs=recipe.epochs, callbacks=callbacks,
                         shuffle=False,  # data.datasets.make_dataset shuffles, seeded per epoch
@@ -303,4 +390,6 @@ def fit_best(model: keras.Model, train, validation, *, recipe: FitRecipe, n_trai
     seconds = round(time.perf_counter() - t0, 1)
     if recipe.select_best and ckpt.is_file():
         model.load_weights(ckpt)
-    return FitOutcome({k: [float(v) for v in vals] for k, vals in hist.history.items()}, seconds, ckpt)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    return FitOutcome(history, seconds, ckpt, epochs_run=len(history.get("loss", [])),
+                      cut_short=bool(budget and budget.cut_short))

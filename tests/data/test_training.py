@@ -1,5 +1,6 @@
 """Training scaffolding: BatchNorm re-estimation is the plain average of batch statistics, the
-cosine schedule warms up and decays as stated, presets fill only what a config leaves out."""
+cosine schedule warms up and decays as stated, presets fill only what a config leaves out, a
+time budget runs the epochs that fit and decays the rate over them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import numpy as np
 import pytest
 
 from data.runtime.training import (
+    FitRecipe,
+    WallTimeBudget,
     batchnorm_layers,
     build_lr_schedule,
     build_optimizer,
     check_recipe,
+    fit_best,
     reestimate_batchnorm,
     set_bn_momentum,
     write_history_csv,
@@ -88,6 +92,8 @@ def test_adamw_does_not_decay_biases_or_batchnorm():
     (dict(label_smoothing=1.0), "label_smoothing"),
     (dict(bn_momentum=1.0), "bn_momentum"),
     (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(time_budget_s=-5.0), "time_budget_s"),
+    (dict(time_budget_s=float("inf")), "time_budget_s"),
 ])
 def test_bad_recipe_values_are_named(kwargs, match):
     base = dict(optimizer="adam", lr_schedule="plateau", warmup_epochs=0, epochs=3)
@@ -100,3 +106,87 @@ def test_history_csv_has_a_column_per_key_and_blank_after_early_stop(tmp_path):
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "epoch,a_loss,b_loss"
     assert lines[1] == "0,1.0,2.0" and lines[3] == "2,0.25,"
+
+
+class _Clock:
+    """A fake wall clock that a callback moves on by a set number of seconds per batch."""
+
+    def __init__(self, per_batch, first_epoch_extra=0.0):
+        self.now, self.per_batch, self.first_epoch_extra = 0.0, per_batch, first_epoch_extra
+
+    def __call__(self):
+        return self.now
+
+
+class _Ticks(keras.callbacks.Callback):
+    """Moves the clock on after each batch (plus a one-off cost in epoch 0, as tracing has) and
+    records the learning rate each batch trained with."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.lrs, self.epoch = clock, [], 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.lrs.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        self.clock.now += self.clock.per_batch + (self.clock.first_epoch_extra if self.epoch == 0 and batch == 0 else 0)
+
+
+def _budget_fit(budget, clock, *, epochs=10):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-2), "categorical_crossentropy", run_eagerly=True)
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    y = keras.utils.to_categorical(np.arange(16) % 2, 2)
+    ticks = _Ticks(clock)
+    hist = model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, verbose=0, callbacks=[budget, ticks])
+    return hist.history, ticks.lrs
+
+
+def test_time_budget_stops_when_the_next_epoch_would_not_fit_and_decays_over_the_planned_epochs():
+    clock = _Clock(per_batch=2.5)  # 4 batches: 10 s an epoch
+    budget = WallTimeBudget(35.0, max_epochs=10, steps_per_epoch=4, learning_rate=1e-2, warmup_epochs=2, clock=clock)
+    history, lrs = _budget_fit(budget, clock)
+    # after epoch 2 (20 s used, 15 left) one more fits; after epoch 3 (30 s) none does
+    assert len(history["loss"]) == 3 and budget.planned == 3 and budget.cut_short
+    assert history["epoch_seconds"] == [10.0, 10.0, 10.0]
+    assert history["planned_epochs"] == [10.0, 3.0, 3.0]
+    # the full run's 2-epoch warm-up (8 steps) to the peak, then cosine to 0 over the one epoch left
+    assert lrs[:8] == pytest.approx([1e-2 * s / 8 for s in range(8)], rel=1e-5)
+    assert lrs[8] == pytest.approx(1e-2, rel=1e-5)
+    assert lrs[8:] == pytest.approx([1e-2 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(4)], rel=1e-4)
+
+
+def test_time_budget_does_not_plan_from_the_first_epoch_that_carries_tracing():
+    clock = _Clock(per_batch=2.5, first_epoch_extra=90.0)  # epoch 0: 100 s, the rest 10 s
+    budget = WallTimeBudget(150.0, max_epochs=10, steps_per_epoch=4, learning_rate=1e-2, clock=clock)
+    history, _ = _budget_fit(budget, clock)
+    # planning on epoch 0's pace would stop at once; on the second epoch's, 4 more fit after it
+    assert len(history["loss"]) == 6
+    assert clock.now <= 150.0
+
+
+def test_a_budget_that_is_not_needed_leaves_the_cosine_schedule_as_without_one():
+    clock = _Clock(per_batch=1.0)
+    budget = WallTimeBudget(1000.0, max_epochs=4, steps_per_epoch=4, learning_rate=1e-2, warmup_epochs=1, clock=clock)
+    history, lrs = _budget_fit(budget, clock, epochs=4)
+    assert len(history["loss"]) == 4 and not budget.cut_short
+    plain = build_lr_schedule(1e-2, schedule="cosine", epochs=4, steps_per_epoch=4, warmup_epochs=1)
+    np.testing.assert_allclose(lrs, [float(plain(s)) for s in range(16)], rtol=1e-5, atol=1e-9)
+
+
+def test_fit_best_under_a_spent_budget_runs_one_epoch_and_logs_its_time(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    y = keras.utils.to_categorical(np.arange(16) % 2, 2)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    recipe = FitRecipe(optimizer="adamw", learning_rate=1e-2, lr_schedule="cosine", epochs=5, batch_size=4,
+                       run_eagerly=True, time_budget_s=1e-6)
+    fitted = fit_best(model, data, data, recipe=recipe, n_train=16, loss="categorical_crossentropy",
+                      metrics=["accuracy"], out_dir=tmp_path)
+    assert fitted.epochs_run == 1 and fitted.cut_short
+    header = (tmp_path / "training_log.csv").read_text().splitlines()[0].split(",")
+    assert "epoch_seconds" in header and "planned_epochs" in header

@@ -57,6 +57,7 @@ def test_fit_saves_bundle_and_history(trained_bundle):
         assert len(result.history[f"{m}_probs_loss"]) == 1 and len(result.history[f"val_{m}_probs_accuracy"]) == 1
     val = side["meta"]["validation"]
     assert set(val["member_accuracy"]) == set(side["meta"]["members"]) and val["n"] == 3
+    assert val["epochs_run"] == {m: 1 for m in side["meta"]["members"]}
     assert val["temperature"] == pytest.approx(result.temperature)
     rule = side["meta"]["refer"]
     assert len(rule["input_check"]["template"]) == 32 * 32 and 0 < rule["confidence"]["confidence_threshold"] <= 1
@@ -172,3 +173,33 @@ def test_each_softvote_member_gets_its_own_learning_rate():
     assert [(n, lr) for n, _, lr in training_units(concat)] == [("concat", 1e-3)]
     with pytest.raises(ValueError, match="unknown member"):
         ClassifierSettings(member_lr_scale={"resnet50": 0.5})
+
+
+def test_a_time_budget_is_shared_by_the_softvote_members_in_turn(monkeypatch, tmp_path):
+    """Each member's fit gets an equal share of what the members before it left (one overran)."""
+    import types
+
+    import ensemble.train as train_mod
+    from data.runtime.training import FitOutcome, FitRecipe
+
+    clock = types.SimpleNamespace(now=0.0)
+    took = iter([40.0, 25.0, 10.0])
+    budgets = []
+
+    def fake_fit_best(trainer, train, val, *, recipe, **kwargs):
+        budgets.append(recipe.time_budget_s)
+        clock.now += next(took)
+        return FitOutcome({"loss": [1.0, 0.5]}, 0.0, tmp_path / "none.h5", epochs_run=2)
+
+    monkeypatch.setattr(train_mod, "fit_best", fake_fit_best)
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    members = ("densenet121", "efficientnetb0", "vgg19")
+    inp = keras.Input((4,))
+    model = keras.Model(inp, {f"{m}_probs": keras.layers.Dense(3, activation="softmax")(inp) for m in members})
+    settings = ClassifierSettings(members=members, weights=None, epochs=2, time_budget_s=90.0)
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((4, 4), np.float32), np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]))
+    history, _, epochs_run = train_mod._fit_units(model, settings, FitRecipe.from_settings(settings), data.batch(2),
+                                                  data.batch(2), {c: 1.0 for c in ("normal", "pneumonia", "covid")},
+                                                  n_train=4, out_dir=tmp_path, verbose=0)
+    assert budgets == pytest.approx([30.0, 25.0, 25.0])
+    assert epochs_run == {m: 2 for m in members}
