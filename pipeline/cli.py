@@ -76,15 +76,25 @@ def _progress(desc: str):
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     overrides = {"members": args.members.split(",") if args.members else None, "variant": args.variant,
                  "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "weights": args.weights, "seed": args.seed, **_distribute_overrides(args)}
+                 "weights": args.weights, "seed": args.seed, "time_budget_s": args.time_budget,
+                 **_distribute_overrides(args)}
     res = api.train_classifier(args.data, args.out, manifest=args.manifest, config=args.config, overrides=overrides,
                                splits=args.splits, allow_leaks=args.allow_leaks, progress=_progress("hashing"))
     best = min(res.history.get("val_loss", [float("nan")]))
     print(f"trained in {res.seconds:.0f} s on {res.split_counts['train']} images "
           f"(val {res.split_counts['val']}, test {res.split_counts['test']} held out); best val_loss {best:.4f}, "
           f"temperature {res.temperature:.3f}")
+    _print_budget(res.history)
     print(f"model: {res.out}  (curves: {res.out / 'training_curves.png'}, splits: {res.out / 'splits.csv'})")
     return _print_failures("skipped", res.failures)
+
+
+def _print_budget(history: dict[str, list[float]]) -> None:
+    """Under a time budget (its callback logs ``planned_epochs``): the epochs each fit ran."""
+    runs = {key.removesuffix("planned_epochs").rstrip("_") or "model": len(values)
+            for key, values in sorted(history.items()) if key.endswith("planned_epochs")}
+    if runs:
+        print("time budget: " + ", ".join(f"{name} ran {n} epoch(s)" for name, n in runs.items()))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -159,13 +169,14 @@ def _distribute_args(p: argparse.ArgumentParser) -> None:
 def _cmd_train_segmenter(args: argparse.Namespace) -> int:
     overrides = {"arch": args.arch, "kind": args.kind, "image_size": args.image_size, "epochs": args.epochs,
                  "batch_size": args.batch_size, "weights": args.weights, "seed": args.seed, "classes": args.classes,
-                 "modality": args.modality, **_distribute_overrides(args)}
+                 "modality": args.modality, "time_budget_s": args.time_budget, **_distribute_overrides(args)}
     res = api.train_segmenter(args.images, args.out, masks=args.masks, manifest=args.manifest, config=args.config,
                               overrides=overrides, splits=args.splits, allow_leaks=args.allow_leaks,
                               progress=_progress("hashing"))
     best = min(res.history.get("val_loss", [float("nan")]))
     print(f"trained in {res.seconds:.0f} s on {res.n_train} images ({res.n_train_lesion_free} lesion-free; "
           f"val {res.n_val}); best val_loss {best:.4f}")
+    _print_budget(res.history)
     if res.lesion_free_asked and not res.n_train_lesion_free:
         print("note: no lesion-free X-ray among the training images (a normal one, by class folder or manifest "
               "label, with the other masks the model needs), so the model saw lesion images only")
@@ -341,6 +352,7 @@ def _checked(convert: Callable[[str], float], ok: Callable[[float], bool], rule:
 
 _fraction = _checked(float, lambda f: 0.0 <= f < 1.0, "in [0, 1)")
 _positive_int = _checked(int, lambda n: n >= 1, "≥ 1")
+_seconds = _checked(float, lambda f: 0.0 < f < float("inf"), "a number of seconds > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +408,8 @@ def _add_classifier_commands(sub) -> None:
     train.add_argument("--variant", choices=("softvote", "concat"))
     train.add_argument("--image-size", type=_positive_int)
     train.add_argument("--epochs", type=_positive_int)
+    train.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+                       help="wall seconds for the fit: the epochs that fit run, the cosine schedule decays over them")
     train.add_argument("--batch-size", type=_positive_int)
     train.add_argument("--weights", help="imagenet | none | a .h5 file | a folder of Keras *_notop.h5 files")
     train.add_argument("--seed", type=int)
@@ -475,6 +489,8 @@ def _add_segmenter_commands(sub) -> None:
     ts.add_argument("--config", type=_existing_file, help="TOML with SegmenterSettings keys (flags override it)")
     ts.add_argument("--image-size", type=_positive_int)
     ts.add_argument("--epochs", type=_positive_int)
+    ts.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+                    help="wall seconds for the fit: the epochs that fit run, the cosine schedule decays over them")
     ts.add_argument("--batch-size", type=_positive_int)
     ts.add_argument("--weights", help="encoder init for a U-Net: imagenet | none | the encoder's no-top .h5")
     ts.add_argument("--modality", choices=api.SEGMENTER_MODALITIES,

@@ -100,7 +100,7 @@ def seg_model(seg_data, tmp_path_factory):
     from pipeline.cli import main
 
     code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
-                 "--kind", "lesion", "--out", str(out), "--config", str(cfg)])
+                 "--kind", "lesion", "--out", str(out), "--config", str(cfg), "--time-budget", "3600"])
     assert code == 0
     return out
 

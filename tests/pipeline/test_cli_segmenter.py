@@ -20,6 +20,21 @@ def test_train_writes_bundle(seg_model):
     assert side["meta"]["kind"] == "lesion"
     for name in ("model.keras", "splits.csv", "training_curves.png", "training_log.csv", "config.toml"):
         assert (seg_model / name).is_file()
+    # --time-budget reaches the fit: its callback logs each epoch's time, the bundle the epochs run
+    assert side["config"]["time_budget_s"] == 3600 and side["config"]["epochs_run"] == 1
+    assert "epoch_seconds" in (seg_model / "training_log.csv").read_text().splitlines()[0].split(",")
+
+
+def test_train_says_how_many_epochs_each_fit_ran_under_a_time_budget(capsys):
+    from pipeline.cli import _print_budget
+
+    _print_budget({"loss": [1.0, 0.9], "densenet121_probs_planned_epochs": [9.0, 6.0, 6.0],
+                   "vgg19_probs_planned_epochs": [9.0, 2.0]})
+    assert capsys.readouterr().out == "time budget: densenet121_probs ran 3 epoch(s), vgg19_probs ran 2 epoch(s)\n"
+    _print_budget({"loss": [1.0], "planned_epochs": [4.0]})
+    assert capsys.readouterr().out == "time budget: model ran 1 epoch(s)\n"
+    _print_budget({"loss": [1.0]})  # no budget: nothing said
+    assert capsys.readouterr().out == ""
 
 
 def test_classifier_loader_refuses_a_segmenter(seg_model):
