@@ -1,8 +1,10 @@
-"""`cxr demo`'s data selection: what its models may train on (no model is trained here)."""
+"""`cxr demo`'s data selection (what its models may train on) and its time budget (no model is trained here)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,18 @@ def test_sample_only_demo_says_it_cannot_train(tmp_path, monkeypatch):
     assert not real and lesion_kind == "opacity"
     assert "../shared/data not found" in description
     assert any({"opacity", "lung"} <= set(r.masks) for r in records)  # the one-model segmenter can train
+
+
+def test_each_demo_fit_gets_its_share_of_the_time_left():
+    deadline = time.perf_counter() + 100.0
+    budget = demo._budget("classifier", deadline, real=True)["time_budget_s"]
+    assert demo.FIT_SHARES["classifier"] * 99 <= budget <= demo.FIT_SHARES["classifier"] * 100
+    assert demo._budget("segmenter", time.perf_counter() - 5, real=True) == {"time_budget_s": 1.0}  # past: 1 epoch
+    assert demo._budget("classifier", deadline, real=False) == {}  # the sample-only demo takes moments
+
+
+@pytest.mark.parametrize("run, expect", [(9, "9 epochs"), (6, "6 of 9 epochs in its 347 s budget")])
+def test_report_header_says_how_many_epochs_the_budget_allowed(tmp_path, run, expect):
+    side = {"meta": {"validation": {"epochs_run": {"densenet121": run}}}, "config": {"time_budget_s": 347.2}}
+    (tmp_path / demo.SIDECAR).write_text(json.dumps(side))
+    assert demo._epochs_text(tmp_path, 9) == expect
