@@ -242,8 +242,8 @@ def train_classifier(
     val_ds = make_dataset(val, cache=True, **common)  # every validation image: calibration below
     fit_val_ds = make_dataset(val, cache=True, **fit_common) if dist else val_ds
     with distribution_scope(dist), synchronized_batchnorm(model, dist):
-        history, seconds, epochs_run = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw, n_train=len(train),
-                                      out_dir=out_dir, verbose=verbose)
+        history, seconds, epochs_run = _fit_units(model, settings, recipe, train_ds, fit_val_ds, cw,
+                                                  n_train=len(train), out_dir=out_dir, verbose=verbose)
     model = off_strategy(model, dist)
     # One pass over the training images without augmentation (what inference will see): the first
     # batches re-estimate BatchNorm, and every image gives its layout vector for the input check.

@@ -132,8 +132,8 @@ class WallTimeBudget(keras.callbacks.Callback):
     the train and validation steps) and only ever shrinks. At least one epoch always runs.
 
     With ``learning_rate`` given (the "cosine" schedule) it owns the learning rate: each batch it
-    sets the optimizer's rate to :func:`build_lr_schedule`'s warm-up (that of the full run) and cosine
-    decay to 0 at the end of the *planned* epochs, so a shortened run still ends at a low rate. (The JAX
+    sets the optimizer's rate to the warm-up + cosine of :func:`build_lr_schedule`, with the full run's
+    warm-up and the decay ending at 0 with the *planned* epochs, so a shortened run still ends at a low rate. (The JAX
     trainer reads optimizer variables once per epoch, so there the rate steps once per epoch.)
     Each epoch's wall seconds and the plan go into the logs (``epoch_seconds``, ``planned_epochs``).
     """
