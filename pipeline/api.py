@@ -26,7 +26,7 @@ from pipeline.export_jobs import DEFAULT_CALIBRATION_COUNT
 from pipeline.export_jobs import FORMATS as EXPORT_FORMATS
 from pipeline.outputs import describe_os_error
 from pipeline.ray_run import RayOptions
-from pipeline.report import ci_text, lesion_size_text, metrics_table
+from pipeline.report import budget_epochs, ci_text, lesion_size_text, metrics_table
 from segmenter.schemes import ARCHS as SEGMENTER_ARCHS
 from segmenter.schemes import CLASS_SCHEMES as SEGMENTER_CLASS_SCHEMES
 from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
@@ -35,7 +35,7 @@ from segmenter.schemes import MODALITIES as SEGMENTER_MODALITIES
 # helpers it prints with.
 __all__ = ["ANNOTATION_FORMATS", "CLASS_NAMES", "DEFAULT_CALIBRATION_COUNT", "DEFAULT_MAX_PIXELS",
            "DISTRIBUTE_STRATEGIES", "ENGINES", "EXPORT_FORMATS", "SCALES", "SEGMENTATION_SCORES", "SEGMENTER_ARCHS",
-           "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions", "ServeSettings", "ci_text",
+           "SEGMENTER_CLASS_SCHEMES", "SEGMENTER_MODALITIES", "RayOptions", "ServeSettings", "budget_epochs", "ci_text",
            "describe_os_error", "lesion_size_text", "metrics_table", "CheckResult", "ExportResult", "Models",
            "SplitResult", "check_data", "convert_weights", "demo", "evaluate_classifier", "evaluate_segmenter",
            "export_model", "detect_modality", "gather_folders", "gather_records", "gradcam", "import_masks",

@@ -91,8 +91,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
 def _print_budget(history: dict[str, list[float]]) -> None:
     """Under a time budget (its callback logs ``planned_epochs``): the epochs each fit ran."""
-    runs = {key.removesuffix("planned_epochs").rstrip("_") or "model": len(values)
-            for key, values in sorted(history.items()) if key.endswith("planned_epochs")}
+    runs = api.budget_epochs(history)
     if runs:
         print("time budget: " + ", ".join(f"{name} ran {n} epoch(s)" for name, n in runs.items()))
 

@@ -121,9 +121,10 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
         shutil.rmtree(models, ignore_errors=True)  # a half-trained cache from an interrupted demo
         models.mkdir(parents=True)
         deadline = t0 + DEMO_SECONDS
-        train_classifier_job(_stratified(records, CLASSIFIER_IMAGES) if real else records, models / "classifier",
-                             overrides={**clf_settings, **_budget("classifier", deadline, real)},
-                             progress=progress, verbose=verbose)
+        clf_budget = _budget("classifier", deadline, real)
+        clf = train_classifier_job(_stratified(records, CLASSIFIER_IMAGES) if real else records,
+                                   models / "classifier", overrides={**clf_settings, **clf_budget},
+                                   progress=progress, verbose=verbose)
         splits = models / "classifier" / "splits.csv"  # patient-level; the segmenters keep to it
         subset = _subset(records, (lesion_kind, "lung"), splits if real else None)
         train_segmenter_job(subset, models / "lesion",
@@ -136,7 +137,7 @@ def run_demo(out: Path, *, cache: Path | None = None, progress=None, verbose: in
             acc = metrics["accuracy"]
             lo, hi = acc["ci95"]
             note = (f"Demo classifier ({', '.join(clf_settings['members'])}, {clf_settings['image_size']} px, "
-                    f"from scratch, {_epochs_text(models / 'classifier', clf_settings['epochs'])}): "
+                    f"from scratch, {_epochs_text(clf.history, clf_settings['epochs'], clf_budget['time_budget_s'])}): "
                     f"held-out accuracy {acc['value']:.3f} (95 % CI {lo:.3f}–{hi:.3f}, bootstrap "
                     f"over patients) on {metrics['n']} X-rays of patients it never saw; trained on {description}.")
         else:
@@ -161,11 +162,11 @@ def _budget(fit: str, deadline: float, real: bool) -> dict:
     return {"time_budget_s": round(max(FIT_SHARES[fit] * (deadline - time.perf_counter()), 1.0), 1)}
 
 
-def _epochs_text(bundle: Path, epochs: int) -> str:
+def _epochs_text(history: dict, epochs: int, budget: float) -> str:
     """'9 epochs', or '5 of 9 epochs in its 340 s budget' where the time budget ended the fit."""
-    side = json.loads((bundle / SIDECAR).read_text())
-    run = sum(side["meta"]["validation"]["epochs_run"].values())
-    budget = side["config"].get("time_budget_s", 0)
+    from pipeline.report import budget_epochs
+
+    run = sum(budget_epochs(history).values())
     return f"{run} epochs" if run >= epochs else f"{run} of {epochs} epochs in its {budget:.0f} s budget"
 
 

@@ -134,3 +134,11 @@ def lesion_size_text(by_lesion_size: dict[str, Any] | None) -> str | None:
         return None
     return ("Dice by drawn lesion size (share of the image): "
             + "; ".join(f"{b} {ci_text(v['dice'])} (n {v['n']})" for b, v in bands.items()))
+
+
+def budget_epochs(history: dict[str, list[float]]) -> dict[str, int]:
+    """The epochs each fit of a training run ran under a time budget (data.runtime.training.WallTimeBudget
+    logs ``planned_epochs`` each epoch), by unit: a soft-vote member's output ("densenet121_probs"), or
+    "model" for a single fit. Empty without a budget."""
+    return {key.removesuffix("planned_epochs").rstrip("_") or "model": len(values)
+            for key, values in sorted(history.items()) if key.endswith("planned_epochs")}

@@ -146,7 +146,6 @@ class WallTimeBudget(keras.callbacks.Callback):
         self.seconds, self.max_epochs, self.steps_per_epoch = float(seconds), max_epochs, steps_per_epoch
         self.learning_rate, self.warmup_epochs, self._clock = learning_rate, warmup_epochs, clock
         self.planned = max_epochs
-        self.epoch_seconds: list[float] = []
         self._schedule = self._build_schedule()
         self._t0 = self._epoch_t0 = 0.0
         self._epoch = 0
@@ -176,7 +175,6 @@ class WallTimeBudget(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None) -> None:
         now = self._clock()
         took = now - self._epoch_t0
-        self.epoch_seconds.append(took)
         left = self.seconds - (now - self._t0)
         if epoch >= 1 or left <= 0:
             fits = int(left // took) if left > 0 and took > 0 else 0
