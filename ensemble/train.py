@@ -35,6 +35,7 @@ from data.runtime.training import (
     fit_best,
     prepare_for_training,
     reestimate_batchnorm,
+    share_of_time_left,
     write_history_csv,
 )
 from ensemble.calibration import apply_temperature, fit_temperature, fit_vote_weights
@@ -313,8 +314,8 @@ def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitReci
     deadline = time.monotonic() + recipe.time_budget_s
     for i, (name, outputs, lr) in enumerate(units):
         if recipe.time_budget_s > 0:
-            share = max(deadline - time.monotonic(), 0.0) / (len(units) - i)
-            recipe = dataclasses.replace(recipe, time_budget_s=max(share, 1e-3))  # ≤ 0 left: one epoch
+            share = share_of_time_left(deadline - time.monotonic(), {u[0]: 1.0 for u in units[i:]}, name)
+            recipe = dataclasses.replace(recipe, time_budget_s=share)
         # A training view over the ensemble's own layers with only this unit's outputs: fitting it
         # updates this unit's weights in `model`; the saved model keeps every output.
         out_spec = model.output[outputs[0]] if len(outputs) == 1 else {o: model.output[o] for o in outputs}

@@ -188,6 +188,17 @@ class WallTimeBudget(keras.callbacks.Callback):
             logs.update(epoch_seconds=took, planned_epochs=float(self.planned))
 
 
+def share_of_time_left(seconds_left: float, costs: Mapping[str, float], name: str) -> float:
+    """The seconds of a time budget (:class:`WallTimeBudget`) for the fit ``name``, when ``seconds_left``
+    remain for it and the fits still to come: ``costs`` holds each of them, this one included, by its
+    expected cost (any unit), and ``name`` gets its cost's share. Made again as each fit starts, so what
+    one fit overran or left unused passes on to the next. At least 1 ms: a spent budget still runs one
+    epoch."""
+    if costs.get(name, 0) <= 0 or any(c < 0 for c in costs.values()):
+        raise ValueError(f"the fit {name!r} needs a cost > 0 among costs ≥ 0, got {dict(costs)}")
+    return max(max(seconds_left, 0.0) * costs[name] / sum(costs.values()), 1e-3)
+
+
 def build_callbacks(out_dir: Path, *, schedule: str, early_stopping_patience: int, reduce_lr_patience: int,
                     reduce_lr_factor: float, prefix: str = "") -> tuple[list[keras.callbacks.Callback], Path]:
     """Best-val-loss checkpoint, CSV log (``{prefix}training_log.csv``, written as epochs end), and for

@@ -18,6 +18,7 @@ from data.runtime.training import (
     fit_best,
     reestimate_batchnorm,
     set_bn_momentum,
+    share_of_time_left,
     write_history_csv,
 )
 
@@ -190,3 +191,22 @@ def test_fit_best_under_a_spent_budget_runs_one_epoch_and_logs_its_time(tmp_path
     assert fitted.epochs_run == 1 and fitted.cut_short
     header = (tmp_path / "training_log.csv").read_text().splitlines()[0].split(",")
     assert "epoch_seconds" in header and "planned_epochs" in header
+
+
+def test_a_fit_gets_its_costs_share_of_the_time_left_and_what_is_spent_passes_on():
+    costs = {"cnn": 1.0, "ensemble": 6.0, "lung": 1.0}
+    assert share_of_time_left(800.0, costs, "ensemble") == pytest.approx(600.0)
+    assert share_of_time_left(800.0, costs, "cnn") == pytest.approx(100.0)
+    # made again from what is left when the next fit starts: an overrun shrinks the later shares
+    assert share_of_time_left(350.0, {"ensemble": 6.0, "lung": 1.0}, "lung") == pytest.approx(50.0)
+    assert share_of_time_left(-20.0, costs, "lung") == pytest.approx(1e-3)  # spent: one epoch still runs
+
+
+@pytest.mark.parametrize("costs, name, match", [
+    ({"cnn": 1.0}, "lung", "'lung' needs a cost"),
+    ({"cnn": 0.0}, "cnn", "'cnn' needs a cost"),
+    ({"cnn": 1.0, "lung": -1.0}, "cnn", "costs ≥ 0"),
+])
+def test_bad_shares_are_refused(costs, name, match):
+    with pytest.raises(ValueError, match=match):
+        share_of_time_left(100.0, costs, name)
