@@ -66,6 +66,24 @@ PROFILES = {
                   seg_max_train=150, cnn_epochs=6, members=("densenet121", "efficientnetb0", "vgg19")),
 }
 
+#: The whole run's wall-time budget by profile (``--budget-minutes``; 0: none). A machine slower than the
+#: reference CPU trains the epochs of each fit that fit its share (``time_budget_s``); a faster one trains
+#: them all, so on the reference CPU the figures are those of an unbudgeted run. ``--quick`` has none:
+#: its time is mostly tracing and scoring, which no budget shortens. On the AMD machine (2026-11-27) it
+#: took 20 min unbudgeted and still 16 min 28 s under 10 minutes, with every fit cut to 1-4 epochs and
+#: EfficientNetB0 and VGG19 at chance (0.324, 0.347 against 0.443, 0.489 unbudgeted).
+BUDGET_MINUTES = {"default": 90, "quick": 0}
+#: Each trained stage's share of the budget goes by its cost: its seconds of training in the default
+#: profile on the reference CPU (2026-11-27; the ensemble's three members together). The shares are made
+#: again from the time left as each stage starts, so what one stage overran or left passes to the next.
+STAGE_COSTS = {"cnn": 332, "ensemble": 2399, "infection": 591, "lung": 267}
+#: Seconds each stage needs beside its fit's budget: its work after the fit (BatchNorm re-estimate,
+#: calibration, saving, scoring the test split) and a last epoch that overruns the plan. Kept back
+#: from the time left for every stage still to run. Measured on the slower 2-core AMD machine
+#: (2026-11-27, ``--quick --budget-minutes 10``): the ensemble's stage took 161 s beyond its three
+#: fits, the infection U-Net's 148 s beyond its 26-s budget (one epoch with its tracing, then scoring).
+STAGE_RESERVE_S = {"cnn": 30, "ensemble": 240, "infection": 180, "lung": 180}
+
 
 def thumbnails(records, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
@@ -114,14 +132,21 @@ def random_forest(train, test, n_boot: int) -> dict:
                  n_boot=n_boot)
 
 
-def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
-    """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe."""
+def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, budget_s: float = 0.0) -> dict:
+    """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe (its
+    warm-up + cosine owned by the time budget's callback when ``budget_s`` > 0, as in the trainers)."""
     import keras
     from keras import layers
 
     from data.augment import AugmentParams
     from data.datasets import make_dataset
-    from data.runtime.training import build_optimizer, fit_streamed, reestimate_batchnorm, steps_per_epoch
+    from data.runtime.training import (
+        WallTimeBudget,
+        build_optimizer,
+        fit_streamed,
+        reestimate_batchnorm,
+        steps_per_epoch,
+    )
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((size, size, 3))
@@ -135,30 +160,42 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int) -> dict:
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     model = keras.Model(inp, layers.Dense(spec.NUM_CLASSES, activation="softmax")(x))
-    model.compile(build_optimizer("adamw", 1e-3, schedule="cosine", epochs=epochs,
-                                  steps_per_epoch=steps_per_epoch(len(train), 32), warmup_epochs=1, weight_decay=0.01),
+    steps = steps_per_epoch(len(train), 32)
+    callbacks = [WallTimeBudget(budget_s, max_epochs=epochs, steps_per_epoch=steps, learning_rate=1e-3,
+                                warmup_epochs=1)] if budget_s > 0 else []
+    model.compile(build_optimizer("adamw", 1e-3, schedule="constant" if callbacks else "cosine", epochs=epochs,
+                                  steps_per_epoch=steps, warmup_epochs=1, weight_decay=0.01),
                   keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"], jit_compile=False)
     common = dict(size=size, batch_size=32, seed=0)
     t0 = time.perf_counter()
-    fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), cache=True, **common),
-                 validation_data=make_dataset(val, cache=True, **common), epochs=epochs, shuffle=False, verbose=0)
+    hist = fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), cache=True, **common),
+                        validation_data=make_dataset(val, cache=True, **common), epochs=epochs, callbacks=callbacks,
+                        shuffle=False, verbose=0)
+    ran = len(hist.history["loss"])
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in make_dataset(train, shuffle=True, **common)), max_batches=16)
     seconds = time.perf_counter() - t0
     xs, ys = [], []
     for x, y in make_dataset(test, **common):
         xs.append(model.predict_on_batch(np.asarray(x)))
         ys.append(np.asarray(y).argmax(1))
-    return score(f"small CNN ({size} px, {epochs} ep)", np.concatenate(ys), np.concatenate(xs), test,
-                 seconds=seconds, images_seen=len(train) * epochs, n_boot=n_boot)
+    row = score(f"small CNN ({size} px, {epochs_text(ran, epochs)})", np.concatenate(ys), np.concatenate(xs), test,
+                seconds=seconds, images_seen=len(train) * ran, n_boot=n_boot)
+    return {**row, "epochs_run": ran, "budget_s": budget_s or None}
+
+
+def epochs_text(ran: int, epochs: int) -> str:
+    """"16 ep", or "9 of 16 ep" where a time budget ended the fit sooner."""
+    return f"{epochs} ep" if ran >= epochs else f"{ran} of {epochs} ep"
 
 
 def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: int, workdir: Path,
-                  overrides: dict | None = None) -> list[dict]:
+                  overrides: dict | None = None, budget_s: float = 0.0) -> list[dict]:
     from ensemble.train import ClassifierSettings, train_classifier, with_preset
     from pipeline.classifier_jobs import classify_files
 
     settings = ClassifierSettings(**with_preset({"weights": "none", "members": members, "image_size": size,
-                                                 "epochs": epochs, **(overrides or {})}))
+                                                 "epochs": epochs, "time_budget_s": budget_s,
+                                                 **(overrides or {})}))
     t0 = time.perf_counter()
     res = train_classifier(settings, train, val, workdir / "classifier", verbose=0)
     seconds = time.perf_counter() - t0
@@ -166,19 +203,22 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
     kept = [test[i] for i in table.indices]
     labels = np.array([spec.class_index(r.label) for r in kept])
     rows = []
+    ran = {m: res.validation["epochs_run"].get(m, epochs) for m in members}
     for m in members:
         s = res.validation["train_seconds"].get(m, seconds)
-        rows.append(score(f"{m} ({size} px, {epochs} ep)", labels, table.member_probs[m], kept, seconds=s,
-                          images_seen=len(train) * epochs, n_boot=n_boot))
+        rows.append({**score(f"{m} ({size} px, {epochs_text(ran[m], epochs)})", labels, table.member_probs[m], kept,
+                             seconds=s, images_seen=len(train) * ran[m], n_boot=n_boot), "epochs_run": ran[m]})
     rows.append(score(f"ensemble soft vote ({len(members)})", labels, table.probs, kept, seconds=seconds,
-                      images_seen=len(train) * epochs * len(members), n_boot=n_boot))
+                      images_seen=len(train) * sum(ran.values()), n_boot=n_boot))
+    rows[-1]["budget_s"] = budget_s or None
     rows[-1]["validation"] = res.validation
     rows[-1]["preset"] = settings.to_dict()
     return rows
 
 
 def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int, epochs: int, n_boot: int,
-                  workdir: Path, max_train: int | None = None, overrides: dict | None = None) -> dict:
+                  workdir: Path, max_train: int | None = None, overrides: dict | None = None,
+                  budget_s: float = 0.0) -> dict:
     """Train the ``kind`` U-Net with the scratch preset (lesion models also on lesion-free normal X-rays,
     the cut fitted on validation) and score its held-out images with ``cxr evaluate-segmenter``'s job
     (at each image's own size): Dice/IoU on those with a ``kind`` mask; for a lesion kind, also the
@@ -189,7 +229,8 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
     from segmenter.train import train_segmenter
 
     settings = SegmenterSettings(**with_preset({"weights": "none", "kind": kind, "image_size": size,
-                                               "epochs": epochs, "batch_size": 16, **(overrides or {})}))
+                                               "epochs": epochs, "batch_size": 16, "time_budget_s": budget_s,
+                                               **(overrides or {})}))
     if settings.lesion_kinds:  # normal X-rays are lesion-free; every X-ray has lungs
         records = mark_lesion_free(records, [kind])
     usable = [r for r in records if r.has_mask(kind)]
@@ -209,10 +250,11 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
               or r.label not in spec.LESION_FREE_CLASSES]
     m = evaluate_segmenter_job(workdir / f"seg_{kind}", scored, workdir / f"seg_{kind}_eval", kind=kind,
                                splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
-    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs} ep)", "n_train": res.n_train,
+    ran = len(res.history.get("loss", [])) or epochs
+    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)})", "n_train": res.n_train,
            "n_train_lesion_free": res.n_train_lesion_free, "n_test": m["n"], "dice": m["dice"], "iou": m["iou"],
            "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
-           "train_img_per_s": round(res.n_train * epochs / seconds, 2),
+           "train_img_per_s": round(res.n_train * ran / seconds, 2), "epochs_run": ran, "budget_s": budget_s or None,
            "eval_seconds": round(time.perf_counter() - t0, 1),
            "threshold": m["threshold"], "threshold_fit": res.segmenter.meta.get("threshold_fit"),
            "dice_by_lesion_size": m.get("by_lesion_size")}
@@ -273,6 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", type=Path, nargs="+", default=DEFAULT_MASKS)
     ap.add_argument("--work", type=Path, help="keep the trained models here (default: a temporary folder)")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--budget-minutes", type=float,
+                    help=f"wall time for the whole run; each trained stage runs the epochs that fit its share "
+                         f"(default {BUDGET_MINUTES['default']}, with --quick {BUDGET_MINUTES['quick']}; 0: none)")
     ap.add_argument("--skip", nargs="*", default=[], choices=("rf", "cnn", "ensemble", "infection", "lung"))
     for key in ("size", "epochs", "max_train", "seg_size", "lung_size", "seg_epochs", "lung_epochs", "seg_max_train",
                 "cnn_epochs"):
@@ -298,12 +343,17 @@ def main(argv=None) -> int:
         print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
         return 0
     profile = dict(PROFILES["quick" if args.quick else "default"])
+    budget_minutes = BUDGET_MINUTES["quick" if args.quick else "default"] if args.budget_minutes is None \
+        else args.budget_minutes
+    if not (budget_minutes >= 0 and np.isfinite(budget_minutes)):
+        ap.error(f"--budget-minutes {budget_minutes} must be a number of minutes ≥ 0 (0: no budget)")
     profile.update({k: v for k, v in vars(args).items() if k in profile and v is not None})
     if args.encoder_from and "densenet121" not in profile["members"]:
         ap.error("--encoder-from lung gives DenseNet121 its start: keep densenet121 among --members")
     import keras
 
     t_start = time.perf_counter()
+    from data.runtime.training import share_of_time_left
     from pipeline.api import gather_folders
 
     records = gather_folders(args.data, args.masks, ["infection", "lung"])
@@ -315,7 +365,8 @@ def main(argv=None) -> int:
     if profile["max_train"] and len(train) > profile["max_train"]:
         rng = np.random.default_rng(0)
         train = [train[i] for i in sorted(rng.choice(len(train), profile["max_train"], replace=False))]
-    result = {"settings": {**profile, "members": list(profile["members"]), "overrides": overrides,
+    result = {"settings": {**profile, "members": list(profile["members"]), "budget_minutes": budget_minutes,
+                           "overrides": overrides,
                            "segmenter_overrides": seg_overrides,
                            "data": [str(d) for d in args.data],
                            "n_train": len(train), "n_val": len(val), "n_test": len(test),
@@ -339,11 +390,11 @@ def main(argv=None) -> int:
             print(f"[{name}] done: " + "; ".join(f"{r['model']} {ci_text(r['accuracy'])}" for r in rows[-4:]),
                   flush=True)
 
-        def segmenter_step(kind, size, epochs):
+        def segmenter_step(kind, size, epochs, budget_s):
             try:
                 row = segmenter_row(usable, assignment, splits_csv, kind=kind, size=size, epochs=epochs,
                                     n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"],
-                                    overrides=seg_overrides)
+                                    overrides=seg_overrides, budget_s=budget_s)
             except (ValueError, DatasetError) as err:
                 print(f"[{kind}] skipped: {err}")
                 return
@@ -358,24 +409,32 @@ def main(argv=None) -> int:
             result["settings"]["overrides"] = overrides
             print(f"[encoder] DenseNet121 starts from {encoder}", flush=True)
 
-        steps = [
-            ("rf", lambda: classifier_step("rf", [random_forest(train, test, args.bootstrap)])),
-            ("cnn", lambda: classifier_step("cnn", [small_cnn(train, val, test, size=profile["size"],
-                                                              epochs=profile["cnn_epochs"], n_boot=args.bootstrap)])),
-            ("ensemble", lambda: classifier_step("ensemble", ensemble_rows(
+        steps = [  # each takes its fit's time budget in seconds (0: none)
+            ("rf", lambda b: classifier_step("rf", [random_forest(train, test, args.bootstrap)])),
+            ("cnn", lambda b: classifier_step("cnn", [small_cnn(train, val, test, size=profile["size"],
+                                                                epochs=profile["cnn_epochs"], n_boot=args.bootstrap,
+                                                                budget_s=b)])),
+            ("ensemble", lambda b: classifier_step("ensemble", ensemble_rows(
                 train, val, test, size=profile["size"], epochs=profile["epochs"], members=profile["members"],
-                n_boot=args.bootstrap, workdir=work, overrides=overrides))),
-            ("infection", lambda: segmenter_step("infection", profile["seg_size"], profile["seg_epochs"])),
-            ("lung", lambda: segmenter_step("lung", profile["lung_size"], profile["lung_epochs"])),
+                n_boot=args.bootstrap, workdir=work, overrides=overrides, budget_s=b))),
+            ("infection", lambda b: segmenter_step("infection", profile["seg_size"], profile["seg_epochs"], b)),
+            ("lung", lambda b: segmenter_step("lung", profile["lung_size"], profile["lung_epochs"], b)),
         ]
         if args.encoder_from:  # the lung U-Net first, then its encoder for the ensemble
             steps.sort(key=lambda step: step[0] != "lung")
-            steps.insert(1, ("encoder", encoder_step))
-        for name, step in steps:
-            if name in args.skip:
-                continue
+            steps.insert(1, ("encoder", lambda b: encoder_step()))
+        steps = [step for step in steps if step[0] not in args.skip]
+        deadline = t_start + 60 * budget_minutes
+        for i, (name, step) in enumerate(steps):
+            budget_s = 0.0
+            if budget_minutes and name in STAGE_COSTS:
+                to_come = [n for n, _ in steps[i:] if n in STAGE_COSTS]
+                left = deadline - time.perf_counter() - sum(STAGE_RESERVE_S[n] for n in to_come)
+                budget_s = share_of_time_left(left, {n: STAGE_COSTS[n] for n in to_come}, name)  # > 0: on
+                print(f"[{name}] time budget for its training: {budget_s:.0f} s"
+                      + (" (none left: one epoch)" if budget_s < 1 else ""), flush=True)
             t0 = time.perf_counter()
-            step()
+            step(budget_s)
             print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
             save()
     save()
