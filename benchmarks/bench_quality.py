@@ -19,6 +19,9 @@ U-Net also within bands of lesion size, as ``cxr evaluate-segmenter`` reports th
 epochs in force are printed first. The default profile took 63 minutes end to end on the 2-core
 reference CPU (2026-11-27, nothing else running: RF 4 s, small CNN 332 s, members 642 / 358 / 1,399 s,
 infection U-Net at 96 px 591 s, lung U-Net 267 s of training); ``--quick`` took 602-648 s on 2026-11-26.
+The run keeps to a wall-time budget (``--budget-minutes``, 90 for the default profile; 0: none): each
+trained stage's fits run the epochs that fit its share, so a slower machine trains fewer epochs (rows
+say "9 of 16 ep") and the reference CPU, inside its budget, trains them all.
 U-Nets are scored by ``cxr evaluate-segmenter``'s job (pipeline.segmenter_jobs), each test image at
 its own size. ``--encoder-from lung`` trains the lung U-Net first and starts the ensemble's
 DenseNet121 from its encoder (``cxr export --format encoder``).
