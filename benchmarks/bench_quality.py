@@ -206,7 +206,8 @@ def ensemble_rows(train, val, test, *, size: int, epochs: int, members, n_boot: 
     kept = [test[i] for i in table.indices]
     labels = np.array([spec.class_index(r.label) for r in kept])
     rows = []
-    ran = {m: res.validation["epochs_run"].get(m, epochs) for m in members}
+    runs = res.validation["epochs_run"]  # by training unit: each member (soft vote), or the one joint unit
+    ran = {m: runs[m] if m in runs else next(iter(runs.values())) for m in members}
     for m in members:
         s = res.validation["train_seconds"].get(m, seconds)
         rows.append({**score(f"{m} ({size} px, {epochs_text(ran[m], epochs)})", labels, table.member_probs[m], kept,
@@ -253,7 +254,7 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
               or r.label not in spec.LESION_FREE_CLASSES]
     m = evaluate_segmenter_job(workdir / f"seg_{kind}", scored, workdir / f"seg_{kind}_eval", kind=kind,
                                splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
-    ran = len(res.history.get("loss", [])) or epochs
+    ran = len(res.history["loss"])
     row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)})", "n_train": res.n_train,
            "n_train_lesion_free": res.n_train_lesion_free, "n_test": m["n"], "dice": m["dice"], "iou": m["iou"],
            "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
