@@ -135,21 +135,16 @@ def random_forest(train, test, n_boot: int) -> dict:
                  n_boot=n_boot)
 
 
-def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, budget_s: float = 0.0) -> dict:
-    """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe (its
-    warm-up + cosine owned by the time budget's callback when ``budget_s`` > 0, as in the trainers)."""
+def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, workdir: Path, budget_s: float = 0.0) -> dict:
+    """Four conv-conv-pool blocks with BatchNorm, GAP, softmax; the "scratch" optimiser recipe, fitted by
+    the trainers' ``fit_best`` (the last epoch kept; under ``budget_s`` > 0 the epochs that fit; its
+    log in ``workdir/cnn/training_log.csv``)."""
     import keras
     from keras import layers
 
     from data.augment import AugmentParams
     from data.datasets import make_dataset
-    from data.runtime.training import (
-        WallTimeBudget,
-        build_optimizer,
-        fit_streamed,
-        reestimate_batchnorm,
-        steps_per_epoch,
-    )
+    from data.runtime.training import FitRecipe, fit_best, reestimate_batchnorm
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((size, size, 3))
@@ -163,18 +158,16 @@ def small_cnn(train, val, test, *, size: int, epochs: int, n_boot: int, budget_s
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     model = keras.Model(inp, layers.Dense(spec.NUM_CLASSES, activation="softmax")(x))
-    steps = steps_per_epoch(len(train), 32)
-    callbacks = [WallTimeBudget(budget_s, max_epochs=epochs, steps_per_epoch=steps, learning_rate=1e-3,
-                                warmup_epochs=1)] if budget_s > 0 else []
-    model.compile(build_optimizer("adamw", 1e-3, schedule="constant" if callbacks else "cosine", epochs=epochs,
-                                  steps_per_epoch=steps, warmup_epochs=1, weight_decay=0.01),
-                  keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"], jit_compile=False)
+    recipe = FitRecipe(optimizer="adamw", learning_rate=1e-3, lr_schedule="cosine", epochs=epochs, batch_size=32,
+                       warmup_epochs=1, weight_decay=0.01, select_best=False, time_budget_s=budget_s)
     common = dict(size=size, batch_size=32, seed=0)
+    out_dir = workdir / "cnn"
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    hist = fit_streamed(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), cache=True, **common),
-                        validation_data=make_dataset(val, cache=True, **common), epochs=epochs, callbacks=callbacks,
-                        shuffle=False, verbose=0)
-    ran = len(hist.history["loss"])
+    ran = fit_best(model, make_dataset(train, shuffle=True, augment_params=AugmentParams(), cache=True, **common),
+                   make_dataset(val, cache=True, **common), recipe=recipe, n_train=len(train),
+                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), metrics=["accuracy"],
+                   out_dir=out_dir, verbose=0).epochs_run
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in make_dataset(train, shuffle=True, **common)), max_batches=16)
     seconds = time.perf_counter() - t0
     xs, ys = [], []
@@ -417,7 +410,7 @@ def main(argv=None) -> int:
             ("rf", lambda b: classifier_step("rf", [random_forest(train, test, args.bootstrap)])),
             ("cnn", lambda b: classifier_step("cnn", [small_cnn(train, val, test, size=profile["size"],
                                                                 epochs=profile["cnn_epochs"], n_boot=args.bootstrap,
-                                                                budget_s=b)])),
+                                                                workdir=work, budget_s=b)])),
             ("ensemble", lambda b: classifier_step("ensemble", ensemble_rows(
                 train, val, test, size=profile["size"], epochs=profile["epochs"], members=profile["members"],
                 n_boot=args.bootstrap, workdir=work, overrides=overrides, budget_s=b))),
