@@ -230,8 +230,8 @@ def _marked_of(seg, lesion_free: Sequence[Record]) -> str:
 
 def _false_alarm(maps, seg, cut: float | None, lung: np.ndarray | None = None) -> tuple[bool, float]:
     """(a lesion found, % of the lung marked, else of the image) on a lesion-free image, at ``cut``
-    (None: the bundle's), lesions as `cxr run` reports them (small components dropped; with a drawn
-    ``lung``, those outside it too, as with a lung model)."""
+    (None: the bundle's), lesions as `cxr run` reports them (small components dropped, wherever they
+    lie; the share counts the marked pixels inside the drawn ``lung`` when given, as with a lung model)."""
     from segmenter.model import segment_image
 
     found = segment_image(maps, seg, lung_prob=lung, threshold=cut)
