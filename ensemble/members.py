@@ -37,6 +37,10 @@ class MemberSpec:
     imagenet_file: str  # Keras's no-top weight file name, as cached in ~/.keras/models
     features_layer: str  # backbone layer whose output is the member's features (the Grad-CAM layer)
     min_size: int  # smallest input side that leaves a ≥2×2 final map
+    #: From scratch only: the std of the pixels its preprocessing hands the first conv, when its convs
+    #: are to be drawn by He's fan-in rule (:func:`he_initialised`) instead of keras.applications'
+    #: Glorot. None: the constructor's own initialisation is kept.
+    scratch_input_std: float | None = None
 
 
 MEMBERS: dict[str, MemberSpec] = {
@@ -50,6 +54,8 @@ MEMBERS: dict[str, MemberSpec] = {
     "vgg19": MemberSpec(
         keras.applications.VGG19, caffe_normalization,
         "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "block5_conv4", 64,
+        # Caffe preprocessing only subtracts the mean: pixels keep 0-255 units (ImageNet's std 0.226 x 255).
+        scratch_input_std=0.226 * 255,
     ),
 }
 
@@ -96,8 +102,32 @@ def build_backbone(name: str, *, input_shape: tuple[int, int, int], weights: str
         # VGG19 ends in a max pool; stopping at block5_conv4 keeps a 2x finer Grad-CAM grid,
         # and the pooling + dense head keeps CAM = ReLU(sum_k w_kc A_k) exact.
         backbone = keras.Model(backbone.inputs, last.output)
+    if weights is None and ms.scratch_input_std is not None:
+        backbone = he_initialised(backbone, ms.scratch_input_std)
     backbone.name = f"{name}_backbone"
     return backbone
+
+
+def he_initialised(backbone: keras.Model, input_std: float) -> keras.Model:
+    """A fresh copy of ``backbone`` whose Conv2D kernels are drawn by He's rule (variance 2 / fan-in),
+    the first one scaled by ``1 / input_std`` so that its output does not carry the pixels' units.
+
+    For a deep stack of ReLU convs without BatchNorm (VGG19). keras.applications draws them by
+    Glorot's rule, which halves the activations' variance at each layer: on X-rays at 64 px VGG19's
+    last conv maps come out ~500x smaller than its first's. He's rule keeps every layer's output std
+    near 1, and lets VGG19 train from scratch at 3e-4, where the Glorot-drawn one stays on one class
+    (README, "Model quality").
+    """
+    convs = [layer.name for layer in backbone.layers if isinstance(layer, layers.Conv2D)]
+
+    def clone(layer: layers.Layer) -> layers.Layer:
+        if layer.name not in convs:
+            return layer.__class__.from_config(layer.get_config())
+        scale = 2.0 / (input_std ** 2 if layer.name == convs[0] else 1.0)
+        init = keras.initializers.VarianceScaling(scale, mode="fan_in", distribution="truncated_normal")
+        return layer.__class__.from_config({**layer.get_config(), "kernel_initializer": init})
+
+    return keras.models.clone_model(backbone, clone_function=clone)
 
 
 def freeze_early_layers(backbone: keras.Model, fraction: float) -> int:

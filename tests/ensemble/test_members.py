@@ -77,6 +77,27 @@ def test_local_weights_file_is_loaded(tmp_path):
     np.testing.assert_array_equal(got, src.get_layer("block1_conv1").get_weights()[0])
 
 
+def test_vgg19_from_scratch_keeps_its_activations_scale():
+    """He-drawn convs (with the caffe pixels' units taken out at the first) keep every layer's output
+    at the first's scale; keras.applications' Glorot draw shrinks the last conv maps ~500x on X-rays."""
+    keras.utils.set_random_seed(0)
+    m = build_member("vgg19", input_shape=(64, 64, 3))
+    backbone = m.get_layer("vgg19_backbone")
+    convs = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    probe = keras.Model(backbone.input, [convs[0].output, convs[-1].output])
+    rng = np.random.default_rng(0)
+    # smooth images with an X-ray's grey-level spread (std ~60 of 255): noise would be averaged away
+    x = np.repeat(rng.normal(128, 60, (4, 8, 8, 1)).clip(0, 255), 8, axis=1).repeat(8, axis=2)
+    first, last = probe(m.get_layer("vgg19_preprocess")(np.repeat(x, 3, axis=3).astype(np.float32)))
+    ratio = float(np.std(last)) / float(np.std(first))
+    assert 0.2 < ratio < 5, ratio
+    assert 0.1 < float(np.std(first)) < 10  # the pixels' 0-255 units are taken out
+    keras.utils.set_random_seed(0)
+    again = build_member("vgg19", input_shape=(64, 64, 3))
+    np.testing.assert_array_equal(again.get_layer("vgg19_backbone").get_layer("block5_conv4").get_weights()[0],
+                                  backbone.get_layer("block5_conv4").get_weights()[0])
+
+
 def test_freeze_fraction():
     bb = keras.applications.VGG19(include_top=False, weights=None, input_shape=(64, 64, 3))
     n = freeze_early_layers(bb, 0.5)
