@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (ensemble.members.he_initialised): alone on bench_quality's split (64 px, 5 epochs) held-out
         # 0.584 against 0.489 for Glorot at 1e-4 and 0.462 for Glorot at 3e-4; He at 1e-3 collapses to one class.
         # EfficientNetB0 underfits at 1e-3: on bench_quality's split (64 px, 16 epochs, alone) its
-        # held-out accuracy went 0.536 / 0.628 / 0.684 at 3e-4 / 1e-3 / 3e-3 (2026-11-27, README).
+        # held-out accuracy went 0.536 / 0.628 / 0.684 / 0.580 at 3e-4 / 1e-3 / 3e-3 / 1e-2 (2026-11-27, README).
         "member_lr_scale": {"vgg19": 0.3, "efficientnetb0": 3.0},
         "fit_member_weights": True,
     },
