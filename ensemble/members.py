@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from data import spec
-from data.runtime.layers import caffe_normalization, torch_normalization, xrv_normalization
+from data.runtime.layers import IMAGENET_STD, caffe_normalization, torch_normalization, xrv_normalization
 from data.runtime.weights import WeightsError, build_application, resolve_weights_file  # noqa: F401  (WeightsError re-exported)
 
 #: Weight sources accepted by :func:`build_member`.
@@ -54,8 +54,8 @@ MEMBERS: dict[str, MemberSpec] = {
     "vgg19": MemberSpec(
         keras.applications.VGG19, caffe_normalization,
         "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "block5_conv4", 64,
-        # Caffe preprocessing only subtracts the mean: pixels keep 0-255 units (ImageNet's std 0.226 x 255).
-        scratch_input_std=0.226 * 255,
+        # Caffe preprocessing only subtracts the mean: pixels keep 0-255 units (ImageNet's std x 255).
+        scratch_input_std=255 * sum(IMAGENET_STD) / len(IMAGENET_STD),
     ),
 }
 

@@ -37,9 +37,14 @@ class ChannelAffine(layers.Layer):
                 "reverse_channels": self.reverse_channels}
 
 
+#: ImageNet's per-channel pixel mean and std (RGB, on a 0-1 scale), as keras.applications uses them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def torch_normalization(name: str) -> layers.Layer:
     # keras.applications.densenet.preprocess_input(mode="torch"): x/255, minus mean, over std.
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     return ChannelAffine([1 / (255 * s) for s in std], [-m / s for m, s in zip(mean, std)], name=name)
 
 
