@@ -68,6 +68,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # EfficientNetB0 underfits at 1e-3: on bench_quality's split (64 px, 16 epochs, alone) its
         # held-out accuracy went 0.536 / 0.628 / 0.684 / 0.580 at 3e-4 / 1e-3 / 3e-3 / 1e-2 (2026-11-27, README).
         "member_lr_scale": {"vgg19": 0.3, "efficientnetb0": 3.0},
+        # Under a time budget DenseNet121, the member the fitted vote leans on, gets twice a member's
+        # share of the time left (the others share what it leaves): with equal shares the 90-minute
+        # bench_quality cut it to 8 of 16 epochs (0.721 held-out; 0.775 at 16) while VGG19 took half
+        # the ensemble's time and got a vote weight of 0 (README, "The 90-minute budget").
+        "member_time_share": {"densenet121": 2.0},
         "fit_member_weights": True,
     },
 }
@@ -106,6 +111,8 @@ class ClassifierSettings(RecipeSettings):
     augment: bool = True
     label_smoothing: float = 0.0
     member_lr_scale: dict[str, float] | None = None  # soft vote: each member's LR = learning_rate × scale
+    #: Soft vote under a time budget: each member's weight in the split of the time left (1 where not named)
+    member_time_share: dict[str, float] | None = None
     refer_target_error: float = DEFAULT_TARGET_ERROR  # error allowed among validation images not referred
     fit_member_weights: bool = False  # soft vote: weights fitted on validation NLL instead of equal ones
 
@@ -124,12 +131,13 @@ class ClassifierSettings(RecipeSettings):
                 raise ValueError(f"class_weights needs exactly {list(spec.CLASS_NAMES)}; unknown {sorted(unknown)}, "
                                  f"missing {sorted(missing)}")
         self.check_recipe_fields(presets=PRESETS, epochs=self.epochs, label_smoothing=self.label_smoothing)
-        if self.member_lr_scale:
-            unknown = sorted(set(self.member_lr_scale) - set(MEMBERS))
+        for key in ("member_lr_scale", "member_time_share"):
+            table = getattr(self, key) or {}
+            unknown = sorted(set(table) - set(MEMBERS))
             if unknown:
-                raise ValueError(f"member_lr_scale names unknown member(s) {unknown}; valid: {', '.join(MEMBERS)}")
-            if any(not 0 < v <= 100 for v in self.member_lr_scale.values()):
-                raise ValueError(f"member_lr_scale values must be in (0, 100], got {self.member_lr_scale}")
+                raise ValueError(f"{key} names unknown member(s) {unknown}; valid: {', '.join(MEMBERS)}")
+            if any(not 0 < v <= 100 for v in table.values()):
+                raise ValueError(f"{key} values must be in (0, 100], got {table}")
         if isinstance(self.weights, dict) and set(self.weights) != set(self.members):
             raise ValueError(f"the weights table must name each member ({', '.join(self.members)}); "
                              f"it names {', '.join(self.weights) or 'none'}")
@@ -140,6 +148,10 @@ class ClassifierSettings(RecipeSettings):
 
     def member_learning_rate(self, member: str) -> float:
         return self.learning_rate * (self.member_lr_scale or {}).get(member, 1.0)
+
+    def unit_time_share(self, unit: str) -> float:
+        """A training unit's (:func:`training_units`) weight in the split of a time budget."""
+        return (self.member_time_share or {}).get(unit, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -314,11 +326,13 @@ def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitReci
     history: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     epochs_run: dict[str, int] = {}
-    # a time budget covers every unit: each gets an equal share of what the units before it left
+    # a time budget covers every unit: each gets its share (settings.member_time_share) of what the
+    # units before it left
     deadline = time.monotonic() + recipe.time_budget_s
     for i, (name, outputs, lr) in enumerate(units):
         if recipe.time_budget_s > 0:
-            share = share_of_time_left(deadline - time.monotonic(), {u[0]: 1.0 for u in units[i:]}, name)
+            weights = {u[0]: settings.unit_time_share(u[0]) for u in units[i:]}
+            share = share_of_time_left(deadline - time.monotonic(), weights, name)
             recipe = dataclasses.replace(recipe, time_budget_s=share)
         # A training view over the ensemble's own layers with only this unit's outputs: fitting it
         # updates this unit's weights in `model`; the saved model keeps every output.

@@ -173,10 +173,17 @@ def test_each_softvote_member_gets_its_own_learning_rate():
     assert [(n, lr) for n, _, lr in training_units(concat)] == [("concat", 1e-3)]
     with pytest.raises(ValueError, match="unknown member"):
         ClassifierSettings(member_lr_scale={"resnet50": 0.5})
+    with pytest.raises(ValueError, match="member_time_share values must be in"):
+        ClassifierSettings(member_time_share={"vgg19": 0.0})
 
 
-def test_a_time_budget_is_shared_by_the_softvote_members_in_turn(monkeypatch, tmp_path):
-    """Each member's fit gets an equal share of what the members before it left (one overran)."""
+@pytest.mark.parametrize("time_share, expected", [
+    (None, [30.0, 25.0, 25.0]),  # equal shares; DenseNet121 overran its 30 s by 10
+    ({"densenet121": 2.0}, [45.0, 25.0, 25.0]),  # half for DenseNet121, the others split what it left
+    ({"vgg19": 3.0}, [18.0, 12.5, 25.0]),  # 90 / 5; 50 / 4 (the first took 40 s); what is left
+])
+def test_a_time_budget_is_shared_by_the_softvote_members_in_turn(monkeypatch, tmp_path, time_share, expected):
+    """Each member's fit gets its share (member_time_share) of what the members before it left."""
     import types
 
     import ensemble.train as train_mod
@@ -196,10 +203,11 @@ def test_a_time_budget_is_shared_by_the_softvote_members_in_turn(monkeypatch, tm
     members = ("densenet121", "efficientnetb0", "vgg19")
     inp = keras.Input((4,))
     model = keras.Model(inp, {f"{m}_probs": keras.layers.Dense(3, activation="softmax")(inp) for m in members})
-    settings = ClassifierSettings(members=members, weights=None, epochs=2, time_budget_s=90.0)
+    settings = ClassifierSettings(members=members, weights=None, epochs=2, time_budget_s=90.0,
+                                  member_time_share=time_share)
     data = tf.data.Dataset.from_tensor_slices((np.zeros((4, 4), np.float32), np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]))
     history, _, epochs_run = train_mod._fit_units(model, settings, FitRecipe.from_settings(settings), data.batch(2),
                                                   data.batch(2), {c: 1.0 for c in ("normal", "pneumonia", "covid")},
                                                   n_train=4, out_dir=tmp_path, verbose=0)
-    assert budgets == pytest.approx([30.0, 25.0, 25.0])
+    assert budgets == pytest.approx(expected)
     assert epochs_run == {m: 2 for m in members}
