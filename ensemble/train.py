@@ -331,8 +331,8 @@ def _fit_units(model: keras.Model, settings: ClassifierSettings, recipe: FitReci
     deadline = time.monotonic() + recipe.time_budget_s
     for i, (name, outputs, lr) in enumerate(units):
         if recipe.time_budget_s > 0:
-            weights = {u[0]: settings.unit_time_share(u[0]) for u in units[i:]}
-            share = share_of_time_left(deadline - time.monotonic(), weights, name)
+            shares = {u[0]: settings.unit_time_share(u[0]) for u in units[i:]}
+            share = share_of_time_left(deadline - time.monotonic(), shares, name)
             recipe = dataclasses.replace(recipe, time_budget_s=share)
         # A training view over the ensemble's own layers with only this unit's outputs: fitting it
         # updates this unit's weights in `model`; the saved model keeps every output.
