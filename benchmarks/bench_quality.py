@@ -248,7 +248,8 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
     m = evaluate_segmenter_job(workdir / f"seg_{kind}", scored, workdir / f"seg_{kind}_eval", kind=kind,
                                splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
     ran = len(res.history["loss"])
-    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)})", "n_train": res.n_train,
+    tta = "" if settings.tta == "none" else f", tta {settings.tta}"
+    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)}{tta})", "n_train": res.n_train,
            "n_train_lesion_free": res.n_train_lesion_free, "n_test": m["n"], "dice": m["dice"], "iou": m["iou"],
            "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
            "train_img_per_s": round(res.n_train * ran / seconds, 2), "epochs_run": ran, "budget_s": budget_s or None,

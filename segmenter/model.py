@@ -17,6 +17,7 @@ from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
 from segmenter.schemes import channel_names, lesion_channels
+from segmenter.tta import averaged_maps, tta_scales
 
 KIND = "segmenter"
 
@@ -36,6 +37,11 @@ class Segmenter(LoadedBundle):
     @property
     def min_lesion_area(self) -> int:
         return int(self.meta.get("min_lesion_area", spec.DEFAULT_MIN_LESION_AREA))
+
+    @property
+    def tta(self) -> str:
+        """Its test-time augmentation (a segmenter.tta.TTA_SETS name; "none" in bundles from before it)."""
+        return self.meta.get("tta", "none")
 
     @property
     def classes(self) -> str:
@@ -85,7 +91,10 @@ class Segmenter(LoadedBundle):
 
     def predict_maps(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) float32 in [0, 255] → (N, S, S, C) float32, one probability map per
-        :attr:`channels` entry (a softmax over them when C > 1)."""
+        :attr:`channels` entry (a softmax over them when C > 1), averaged over :attr:`tta`'s passes."""
+        return averaged_maps(self._forward_maps, batch, tta_scales(self.tta))
+
+    def _forward_maps(self, batch: np.ndarray) -> np.ndarray:
         out = self.forward(batch)
         if isinstance(out, dict):  # ONNX Runtime names its one output
             out = next(iter(out.values()))

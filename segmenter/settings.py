@@ -15,6 +15,7 @@ from data.runtime.training import RecipeSettings, apply_preset
 from segmenter.losses import get_loss
 from segmenter.schemes import ARCHS, CLASS_SCHEMES, MODALITIES, channel_names
 from segmenter.tiramisu import build_fc_densenet103
+from segmenter.tta import tta_scales
 from segmenter.unet import build_unet
 
 #: The lesion-probability cut of the "paper" preset, and what ``threshold = "fit"`` keeps when it cannot fit.
@@ -81,6 +82,8 @@ class SegmenterSettings(RecipeSettings):
     # with empty lesion masks: at most this many per lesion image in each split (segmenter.train); 0: none
     lesion_free: float = 0.0
     min_lesion_area: int = spec.DEFAULT_MIN_LESION_AREA
+    # test-time augmentation (segmenter.tta.TTA_SETS): the fitted cut and every prediction of the bundle use it
+    tta: str = "none"
     modality: str = "xray"  # what the images are: "xray", or "ct" slices (shown in ct_window)
     ct_window_center: float = -600.0  # HU: the lung window of data.volume, how CT volumes are shown to the model
     ct_window_width: float = 1500.0
@@ -90,6 +93,7 @@ class SegmenterSettings(RecipeSettings):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
         get_loss(self.loss)
+        tta_scales(self.tta)
         if self.classes not in CLASS_SCHEMES:
             raise ValueError(f"unknown classes {self.classes!r}; valid: {', '.join(CLASS_SCHEMES)}")
         if self.classes != "binary" and self.loss != "cce_dice":

@@ -7,6 +7,7 @@ Graph mode by default; ``run_eagerly`` for tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,7 @@ from segmenter.metrics import THRESHOLD_GRID, CutCounts
 from segmenter.model import KIND, Segmenter, load_segmenter
 from segmenter.schemes import lesion_channels
 from segmenter.settings import DEFAULT_THRESHOLD, SegmenterSettings, build_segmenter
+from segmenter.tta import averaged_maps, tta_scales
 
 
 @keras.saving.register_keras_serializable(package="cxr")
@@ -168,12 +170,14 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     threshold_fit = None
     if settings.threshold == "fit":
-        threshold_fit = fit_lesion_threshold(model.predict_on_batch, val_ds, settings)  # decoded once, cached
+        predict = partial(averaged_maps, model.predict_on_batch, scales=tta_scales(settings.tta))  # as the bundle will
+        threshold_fit = fit_lesion_threshold(predict, val_ds, settings)  # decoded once, cached
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
             "channels": list(settings.channels),
             "threshold": threshold_fit["threshold"] if threshold_fit else settings.threshold,
             "threshold_fit": threshold_fit,
-            "min_lesion_area": settings.min_lesion_area, "resize_mode": settings.resize_mode, "clahe": settings.clahe,
+            "min_lesion_area": settings.min_lesion_area, "tta": settings.tta,
+            "resize_mode": settings.resize_mode, "clahe": settings.clahe,
             "distribute": dist.record() if dist else None, "modality": settings.modality,
             "ct_window": [settings.ct_window_center, settings.ct_window_width] if settings.modality == "ct" else None}
     config = {**settings.to_dict(), "n_train": len(train), "n_val": len(val), "epochs_run": fitted.epochs_run,
