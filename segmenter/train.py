@@ -7,7 +7,6 @@ Graph mode by default; ``run_eagerly`` for tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -83,14 +82,16 @@ def fit_lesion_threshold(predict, batches, settings: SegmenterSettings) -> dict:
     the demo's data, Dice 0 on every COVID image). ``predict`` maps an image batch to the model's
     (B, S, S, C) maps; the lesion probability is the sum of the lesion channels and the truth the
     union of their targets, as at prediction (segmenter.model). Ties go to the cut nearest
-    DEFAULT_THRESHOLD. Returns the cut with the pooled Dice there and at DEFAULT_THRESHOLD; with
-    fewer than THRESHOLD_FIT_MIN_IMAGES images, DEFAULT_THRESHOLD and why.
+    DEFAULT_THRESHOLD. The maps are those the bundle will predict: ``predict`` averaged over
+    ``settings.tta``'s passes (segmenter.tta). Returns the cut with the pooled Dice there and at
+    DEFAULT_THRESHOLD; with fewer than THRESHOLD_FIT_MIN_IMAGES images, DEFAULT_THRESHOLD and why.
     """
     lesion = [settings.channels.index(c) for c in lesion_channels(settings.classes, settings.channels)]
+    scales = tta_scales(settings.tta)
     counts = CutCounts(THRESHOLD_GRID)
     n = 0
     for x, y in batches:
-        prob = np.asarray(predict(np.asarray(x)), np.float32)[..., lesion].sum(axis=-1)
+        prob = averaged_maps(predict, np.asarray(x, np.float32), scales)[..., lesion].sum(axis=-1)
         counts.add(np.asarray(y)[..., lesion].max(axis=-1) > 0.5, prob)
         n += len(prob)
     if n < THRESHOLD_FIT_MIN_IMAGES:
@@ -170,8 +171,7 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     threshold_fit = None
     if settings.threshold == "fit":
-        predict = partial(averaged_maps, model.predict_on_batch, scales=tta_scales(settings.tta))  # as the bundle will
-        threshold_fit = fit_lesion_threshold(predict, val_ds, settings)  # decoded once, cached
+        threshold_fit = fit_lesion_threshold(model.predict_on_batch, val_ds, settings)  # decoded once, cached
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
             "channels": list(settings.channels),
             "threshold": threshold_fit["threshold"] if threshold_fit else settings.threshold,

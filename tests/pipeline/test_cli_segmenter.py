@@ -17,7 +17,7 @@ from pipeline.cli import main
 def test_train_writes_bundle(seg_model):
     side = json.loads((seg_model / "model.json").read_text())
     assert side["kind"] == "segmenter" and side["meta"]["arch"] == "unet-mobilenetv2"
-    assert side["meta"]["kind"] == "lesion"
+    assert side["meta"]["kind"] == "lesion" and side["meta"]["tta"] == "none"  # what every prediction goes through
     for name in ("model.keras", "splits.csv", "training_curves.png", "training_log.csv", "config.toml"):
         assert (seg_model / name).is_file()
     # --time-budget reaches the fit: its callback logs each epoch's time, the bundle the epochs run
@@ -280,26 +280,3 @@ def test_a_fresh_process_loads_a_segmenter(seg_model, seg_data, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{image}:" in done.stdout and "lesion(s)" in done.stdout
 
-
-def test_a_segmenter_trained_with_tta_fits_its_cut_and_predicts_through_it(seg_data, tmp_path, monkeypatch):
-    """`tta = "zoom"`: the cut is fitted on the averaged maps (what the bundle will predict) and the bundle says so."""
-    import segmenter.train
-    from segmenter.model import load_segmenter
-    from segmenter.tta import TTA_SETS, averaged_maps
-
-    seen = []
-
-    def spy(predict, batch, scales):
-        seen.append(scales)
-        return averaged_maps(predict, batch, scales)
-
-    monkeypatch.setattr(segmenter.train, "averaged_maps", spy)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('arch = "unet-mobilenetv2"\nimage_size = 64\nepochs = 1\nbatch_size = 4\nweights = "none"\n'
-                   'run_eagerly = true\ntta = "zoom"\n')
-    out = tmp_path / "m"
-    assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
-                 "--kind", "lesion", "--out", str(out), "--config", str(cfg)]) == 0
-    assert seen and set(seen) == {TTA_SETS["zoom"]}  # every validation batch of the threshold fit
-    seg = load_segmenter(out)
-    assert seg.tta == "zoom" and seg.meta["threshold_fit"]["n_val"] > 0

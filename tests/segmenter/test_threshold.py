@@ -38,6 +38,29 @@ def test_the_cut_that_separates_lesion_from_background_is_chosen(classes, settin
     assert fit["val_dice_at_0.5"] == 0.0 and fit["n_val"] == 25
 
 
+def test_with_tta_the_cut_is_fitted_on_the_maps_the_bundle_will_predict():
+    """tta = "zoom": every validation batch goes through the plain pass and each zoomed copy."""
+    from segmenter.tta import TTA_SETS
+
+    n = THRESHOLD_FIT_MIN_IMAGES
+    images = np.full((n, 32, 32, 3), 40.0, np.float32)
+    images[:, :16] = 230.0  # the lesion: the top half, bright
+    masks = np.zeros((n, 32, 32, 1), np.float32)
+    masks[:, :16] = 1.0
+    batches = [(images[i:i + 5], masks[i:i + 5]) for i in range(0, n, 5)]
+    calls = []
+
+    def predict(x):  # lesion probability 0.3 where bright: found below a cut of 0.3 only
+        calls.append(x.copy())
+        return np.where(x.mean(axis=-1, keepdims=True) > 128, 0.3, 0.05).astype(np.float32)
+
+    fit = fit_lesion_threshold(predict, batches, SegmenterSettings(kind="infection", threshold="fit", tta="zoom"))
+    assert len(calls) == len(batches) * (1 + len(TTA_SETS["zoom"]))
+    assert not np.array_equal(calls[1], calls[0])  # a zoomed copy, not the batch again
+    # above 0.3 nothing is found; at or below it the averaged maps give the top half back
+    assert fit["threshold"] <= 0.3 and fit["val_dice"] > 0.95 and fit["val_dice_at_0.5"] == 0.0
+
+
 def test_lesion_free_validation_images_do_not_push_the_cut_to_finding_nothing():
     """Half the images have a lesion the model half finds (prob 0.7 on half of it); half are
     lesion-free with a 2x2 false alarm at 0.7. The mean of per-image Dice would prefer a cut above
