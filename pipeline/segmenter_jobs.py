@@ -201,7 +201,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     metrics["hd95"] = {"value": float(np.mean(hd)) if hd else None, "n": len(hd)}
     metrics["pooled"] = {"dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
                          "iou": tp / (tp + fp + fn) if tp + fp + fn else 1.0}
-    metrics.update(n=len(rows), kind=kind, threshold=seg.threshold, failures=len(failures),
+    metrics.update(n=len(rows), kind=kind, threshold=seg.threshold, tta=seg.tta, failures=len(failures),
                    empty_mask_convention="both empty scores 1; one empty scores 0",
                    model={"path": str(model_dir), "sha256": seg.checkpoint_sha256, "arch": seg.meta["arch"],
                           "engine": engine})

@@ -55,6 +55,7 @@ def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
     assert main([*args, "--out", str(out), "--include-training"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 8 and m["evaluated"]["why"] == "--include-training"
+    assert m["tta"] == "none"  # scored as the bundle predicts
     for k in ("dice", "iou", "precision", "recall"):
         lo, hi = m[k]["ci95"]
         assert 0.0 <= lo <= m[k]["value"] <= hi <= 1.0
