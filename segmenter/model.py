@@ -17,7 +17,7 @@ from data.runtime.loaded import LoadedBundle
 from segmenter import losses as _losses  # noqa: F401  (registers the loss functions for loading)
 from segmenter.metrics import Lesion, area_by_type, lesion_instances, lung_affected_pct
 from segmenter.schemes import channel_names, lesion_channels
-from segmenter.tta import averaged_maps, tta_scales
+from segmenter.tta import TTA_SETS, averaged_maps
 
 KIND = "segmenter"
 
@@ -92,7 +92,7 @@ class Segmenter(LoadedBundle):
     def predict_maps(self, batch: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) float32 in [0, 255] → (N, S, S, C) float32, one probability map per
         :attr:`channels` entry (a softmax over them when C > 1), averaged over :attr:`tta`'s passes."""
-        return averaged_maps(self._forward_maps, batch, tta_scales(self.tta))
+        return averaged_maps(self._forward_maps, batch, TTA_SETS[self.tta])
 
     def _forward_maps(self, batch: np.ndarray) -> np.ndarray:
         out = self.forward(batch)
@@ -127,6 +127,9 @@ def load_segmenter(directory: str | os.PathLike[str]) -> Segmenter:
     for key in ("arch", "kind", "threshold"):
         if key not in side.get("meta", {}):
             raise BundleError(f"{Path(directory) / SIDECAR}: meta.{key} missing")
+    if side["meta"].get("tta", "none") not in TTA_SETS:
+        raise BundleError(f"{Path(directory) / SIDECAR}: meta.tta {side['meta']['tta']!r} is not one of "
+                          f"{', '.join(TTA_SETS)} (a newer version's bundle, or an edited file)")
     return Segmenter(model, side, Path(directory))
 
 

@@ -70,11 +70,9 @@ def test_an_unknown_set_is_refused_with_the_valid_names():
     assert SegmenterSettings(tta="zoom").tta == "zoom" and SegmenterSettings().tta == "none"
 
 
-@pytest.mark.parametrize("tta", [None, "none", "zoom"])
-def test_a_bundle_predicts_through_the_set_it_names(tmp_path, tta):
-    """meta.tta decides every prediction of a loaded bundle; bundles from before it predict plainly."""
+def _bright_bundle(path, tta):
+    """A hand-set one-conv segmenter bundle (lesion probability rises with brightness), meta.tta = ``tta``."""
     from data.runtime.bundle import save_bundle
-    from segmenter.model import load_segmenter
 
     inputs = keras.Input((SIZE, SIZE, 3))
     conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="bright")
@@ -84,8 +82,16 @@ def test_a_bundle_predicts_through_the_set_it_names(tmp_path, tta):
             "threshold": 0.5, "min_lesion_area": 1, "resize_mode": "pad", "clahe": False}
     if tta is not None:
         meta["tta"] = tta
-    save_bundle(model, tmp_path / "m", kind="segmenter", image_size=SIZE, config={"image_size": SIZE}, meta=meta)
-    seg = load_segmenter(tmp_path / "m")
+    save_bundle(model, path, kind="segmenter", image_size=SIZE, config={"image_size": SIZE}, meta=meta)
+    return path
+
+
+@pytest.mark.parametrize("tta", [None, "none", "zoom"])
+def test_a_bundle_predicts_through_the_set_it_names(tmp_path, tta):
+    """meta.tta decides every prediction of a loaded bundle; bundles from before it predict plainly."""
+    from segmenter.model import load_segmenter
+
+    seg = load_segmenter(_bright_bundle(tmp_path / "m", tta))
     assert seg.tta == (tta or "none")
     assert json.loads((tmp_path / "m" / "model.json").read_text())["meta"].get("tta") == tta
     x = _image_with_square(5, 28)
@@ -93,3 +99,11 @@ def test_a_bundle_predicts_through_the_set_it_names(tmp_path, tta):
     expected = averaged_maps(seg._forward_maps, x, TTA_SETS[seg.tta])
     np.testing.assert_allclose(seg.predict_maps(x), expected, atol=1e-6)
     assert np.array_equal(seg.predict_maps(x), plain) == (seg.tta == "none")
+
+
+def test_a_bundle_naming_an_unknown_set_is_refused_on_load(tmp_path):
+    from data.runtime.bundle import BundleError
+    from segmenter.model import load_segmenter
+
+    with pytest.raises(BundleError, match=r"model.json: meta.tta 'mirror' is not one of none, zoom"):
+        load_segmenter(_bright_bundle(tmp_path / "m", "mirror"))
