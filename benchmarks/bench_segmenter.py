@@ -48,6 +48,7 @@ def main() -> int:
             for batch in (1, 4):
                 x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
                 row[f"b{batch}"] = time_call(lambda model=model, x=x: model.predict_on_batch(x), args.repeats, batch)
+            # x is the loop's last, batch-4 input
             row["tta"] = time_call(lambda model=model, x=x: averaged_maps(model.predict_on_batch, x, scales),
                                    args.repeats, 4)
             rows.append(row)

@@ -52,12 +52,13 @@ def averaged_maps(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray
     if not scales:
         return total
     total = total.copy()
+    batch = np.asarray(batch, np.float32)  # once for every copy (no copy when it already is)
     size = batch.shape[1]
     weight = np.ones((size, size), np.float32)
     for scale in scales:
         forward = zoom_matrix(size, scale)
         back = cv2.invertAffineTransform(forward)
-        maps = np.asarray(predict(_warp(np.asarray(batch, np.float32), forward)), np.float32)
+        maps = np.asarray(predict(_warp(batch, forward)), np.float32)
         cover = cv2.warpAffine(np.ones((size, size), np.float32), back, (size, size), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         total += _warp(maps, back)  # bilinear with 0 outside: already weighted by ``cover``
