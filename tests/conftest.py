@@ -15,6 +15,26 @@ from fakes import BAD_CORPUS_EXPECT, make_bad_corpus, png_bytes, xray_like
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: Session fixtures too costly to build on each pytest-xdist worker: the files that use one run on one
+#: worker (``make test`` distributes with ``--dist loadgroup``). The three-member ``trained_bundle`` took
+#: 76-103 s to build on each of the two workers of a CI-sized machine (``--durations``, 2026-11-28).
+SHARED_ON_ONE_WORKER = ("trained_bundle",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the marks into its work units
+def pytest_collection_modifyitems(config, items):
+    """Group each file's tests on one worker, as ``--dist loadfile`` does (module fixtures are built
+    once), and every file that uses a fixture of :data:`SHARED_ON_ONE_WORKER` in that fixture's group."""
+    modules: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        shared = [f for f in SHARED_ON_ONE_WORKER if f in item.fixturenames]
+        if shared:
+            modules[module] = shared[0]
+        modules.setdefault(module, module)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(modules[item.nodeid.split("::", 1)[0]]))
+
 
 @pytest.fixture(scope="session")
 def shared_cxr() -> Path:

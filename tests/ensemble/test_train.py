@@ -63,6 +63,15 @@ def test_fit_saves_bundle_and_history(trained_bundle):
     assert len(rule["input_check"]["template"]) == 32 * 32 and 0 < rule["confidence"]["confidence_threshold"] <= 1
 
 
+def test_files_that_share_the_trained_ensemble_run_on_one_worker(request):
+    """`make test` trains ``trained_bundle`` once by sending every file that uses it to one worker
+    (tests/conftest.py); a pytest or pytest-xdist that drops the grouping (pytest-xdist issue 1386)
+    fails here instead of silently training it on every worker."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs under pytest-xdist's --dist loadgroup (make test)")
+    assert request.node.nodeid.endswith("@trained_bundle")
+
+
 def test_save_load_gives_identical_predictions(trained_bundle):
     out, result = trained_bundle
     x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
