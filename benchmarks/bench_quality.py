@@ -24,7 +24,8 @@ trained stage's fits run the epochs that fit its share, so a slower machine trai
 say "9 of 16 ep") and the reference CPU, inside its budget, trains them all.
 U-Nets are scored by ``cxr evaluate-segmenter``'s job (pipeline.segmenter_jobs), each test image at
 its own size. ``--encoder-from lung`` trains the lung U-Net first and starts the ensemble's
-DenseNet121 from its encoder (``cxr export --format encoder``).
+DenseNet121 from its encoder (``cxr export --format encoder``); ``--encoder-for infection`` starts the
+infection U-Net's encoder from it instead (or ``--encoder-for ensemble infection``, both).
 Results are written after each stage (``--json``), so an interrupted run keeps what it finished.
 Skips with a reason when the data folders are absent.
 """
@@ -249,7 +250,9 @@ def segmenter_row(records, assignment, splits_csv: Path, *, kind: str, size: int
                                splits=splits_csv, split="test", n_boot=n_boot, gallery=0)
     ran = len(res.history["loss"])
     tta = "" if settings.tta == "none" else f", tta {settings.tta}"
-    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)}{tta})", "n_train": res.n_train,
+    start = "" if settings.weights in (None, "none") else f", encoder from {Path(settings.weights).parent.name}"
+    row = {"model": f"{kind} U-Net DenseNet121 ({size} px, {epochs_text(ran, epochs)}{tta}{start})",
+           "n_train": res.n_train,
            "n_train_lesion_free": res.n_train_lesion_free, "n_test": m["n"], "dice": m["dice"], "iou": m["iou"],
            "pooled_dice": m["pooled"]["dice"], "train_seconds": round(seconds, 1),
            "train_img_per_s": round(res.n_train * ran / seconds, 2), "epochs_run": ran, "budget_s": budget_s or None,
@@ -325,8 +328,11 @@ def main(argv=None) -> int:
                     help="a classifier setting over the scratch preset, as TOML "
                          "(e.g. learning_rate=3e-3, augment=false)")
     ap.add_argument("--encoder-from", choices=("lung",),
-                    help="start the ensemble's DenseNet121 from the encoder of the lung U-Net trained in this run "
-                         "(on this run's training split; the lung step then runs first)")
+                    help="start the ensemble's DenseNet121 (or what --encoder-for names) from the encoder of the "
+                         "lung U-Net trained in this run (on this run's training split; the lung step then runs first)")
+    ap.add_argument("--encoder-for", nargs="+", choices=("ensemble", "infection"), default=["ensemble"],
+                    help="what --encoder-from starts: the ensemble's DenseNet121 (default), the infection U-Net's "
+                         "encoder, or both")
     ap.add_argument("--seg-set", dest="seg_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a setting of both segmenters over the scratch preset, as TOML (e.g. lesion_free=0)")
     args = ap.parse_args(argv)
@@ -334,8 +340,9 @@ def main(argv=None) -> int:
 
     overrides = tomllib.loads("\n".join(args.overrides))
     seg_overrides = tomllib.loads("\n".join(args.seg_overrides))
-    if args.encoder_from and ("lung" in args.skip or "ensemble" in args.skip):
-        ap.error("--encoder-from lung trains the lung U-Net and the ensemble: do not skip either")
+    if args.encoder_from and ({"lung", *args.encoder_for} & set(args.skip)):
+        ap.error(f"--encoder-from lung trains the lung U-Net and starts {' and '.join(args.encoder_for)} from it: "
+                 "do not skip them")
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         print(f"skipped: data folder(s) {', '.join(missing)} absent (this benchmark needs ../shared/data)")
@@ -346,7 +353,7 @@ def main(argv=None) -> int:
     if not (budget_minutes >= 0 and np.isfinite(budget_minutes)):
         ap.error(f"--budget-minutes {budget_minutes} must be a number of minutes ≥ 0 (0: no budget)")
     profile.update({k: v for k, v in vars(args).items() if k in profile and v is not None})
-    if args.encoder_from and "densenet121" not in profile["members"]:
+    if args.encoder_from and "ensemble" in args.encoder_for and "densenet121" not in profile["members"]:
         ap.error("--encoder-from lung gives DenseNet121 its start: keep densenet121 among --members")
     import keras
 
@@ -392,20 +399,26 @@ def main(argv=None) -> int:
             try:
                 row = segmenter_row(usable, assignment, splits_csv, kind=kind, size=size, epochs=epochs,
                                     n_boot=args.bootstrap, workdir=work, max_train=profile["seg_max_train"],
-                                    overrides=seg_overrides, budget_s=budget_s)
+                                    overrides={**seg_overrides, **seg_starts.get(kind, {})}, budget_s=budget_s)
             except (ValueError, DatasetError) as err:
                 print(f"[{kind}] skipped: {err}")
                 return
             result["segmenters"].append(row)
             print(f"[{kind}] Dice {ci_text(row['dice'])}", flush=True)
 
+        seg_starts: dict[str, dict] = {}  # kind -> its start (--encoder-for infection)
+
         def encoder_step():
             shutil.copy(splits_csv, work / "seg_lung" / "splits.csv")  # the record of what the encoder learnt from
             encoder = lung_encoder(work / "seg_lung", usable, assignment)
-            overrides["preset"] = "scratch"
-            overrides["weights"] = {m: str(encoder) if m == "densenet121" else "none" for m in profile["members"]}
-            result["settings"]["overrides"] = overrides
-            print(f"[encoder] DenseNet121 starts from {encoder}", flush=True)
+            if "ensemble" in args.encoder_for:
+                overrides["preset"] = "scratch"
+                overrides["weights"] = {m: str(encoder) if m == "densenet121" else "none" for m in profile["members"]}
+                result["settings"]["overrides"] = overrides
+            if "infection" in args.encoder_for:  # a path is not "none": name the preset
+                seg_starts["infection"] = {"preset": "scratch", "weights": str(encoder)}
+                result["settings"]["infection_start"] = seg_starts["infection"]
+            print(f"[encoder] {' and '.join(args.encoder_for)} start(s) from {encoder}", flush=True)
 
         steps = [  # each takes its fit's time budget in seconds (0: none)
             ("rf", lambda b: classifier_step("rf", [random_forest(train, test, args.bootstrap)])),
