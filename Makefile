@@ -38,7 +38,7 @@ demo: $(STAMP)
 # steps and tracing leave a core idle). PYTEST_WORKERS=0 runs it in one process. `loadgroup`, with the
 # groups tests/conftest.py gives: a file's tests stay on one worker, and the files that share the
 # three-member trained_bundle fixture go to the same one, which trains it once instead of once per
-# worker (466 -> 394 s on the 2-core machine, 2026-11-28).
+# worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README).
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) $(TOOLS_STAMP)
