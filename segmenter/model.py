@@ -127,10 +127,11 @@ def load_segmenter(directory: str | os.PathLike[str]) -> Segmenter:
     for key in ("arch", "kind", "threshold"):
         if key not in side.get("meta", {}):
             raise BundleError(f"{Path(directory) / SIDECAR}: meta.{key} missing")
-    if side["meta"].get("tta", "none") not in TTA_SETS:
-        raise BundleError(f"{Path(directory) / SIDECAR}: meta.tta {side['meta']['tta']!r} is not one of "
+    seg = Segmenter(model, side, Path(directory))
+    if seg.tta not in TTA_SETS:  # the property holds the rule for bundles from before meta.tta
+        raise BundleError(f"{Path(directory) / SIDECAR}: meta.tta {seg.tta!r} is not one of "
                           f"{', '.join(TTA_SETS)} (a newer version's bundle, or an edited file)")
-    return Segmenter(model, side, Path(directory))
+    return seg
 
 
 def set_threshold(directory: str | os.PathLike[str], cut: float, *, why: str) -> tuple[float, float]:

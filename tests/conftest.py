@@ -25,15 +25,13 @@ SHARED_ON_ONE_WORKER = ("trained_bundle",)
 def pytest_collection_modifyitems(config, items):
     """Group each file's tests on one worker, as ``--dist loadfile`` does (module fixtures are built
     once), and every file that uses a fixture of :data:`SHARED_ON_ONE_WORKER` in that fixture's group."""
-    modules: dict[str, str] = {}
+    group = {item.path: item.nodeid.split("::", 1)[0] for item in items}  # the file, as reports name it
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
         shared = [f for f in SHARED_ON_ONE_WORKER if f in item.fixturenames]
         if shared:
-            modules[module] = shared[0]
-        modules.setdefault(module, module)
+            group[item.path] = shared[0]
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(modules[item.nodeid.split("::", 1)[0]]))
+        item.add_marker(pytest.mark.xdist_group(group[item.path]))
 
 
 @pytest.fixture(scope="session")
