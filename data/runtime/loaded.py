@@ -16,6 +16,7 @@ from data import spec
 from data.preprocess import Geometry, preprocess_image
 from data.runtime.bundle import MODEL_FILE
 from data.runtime.engines import EngineChoice, OnnxForward
+from data.runtime.tf_setup import trace_for_any_batch
 from data.stream import Batch, Prepared, pad_to_bucket, prepare_image, stream_images
 
 
@@ -59,6 +60,8 @@ class LoadedBundle(EngineChoice):
     path: Path
     onnx: OnnxForward | None = None  # set by use_engine("onnx" | "onnx-int8")
     input: InputConfig = field(init=False, repr=False)
+    # whether the Keras predict step takes any batch size without retracing (set at the first forward)
+    _any_batch: bool | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.input = InputConfig.from_sidecar(self.sidecar)
@@ -109,9 +112,11 @@ class LoadedBundle(EngineChoice):
         x = self.input.check_batch(batch)
         if self.onnx is not None:
             return self.onnx(x)  # ONNX Runtime takes any batch size without retracing
-        # predict_on_batch runs the compiled (tf.function) predict step, traced once per shape:
-        # padding to power-of-two buckets keeps the number of traces small.
-        padded, n = pad_to_bucket(x)
+        # predict_on_batch runs the compiled predict step. On TensorFlow it is traced once, for any
+        # batch size; where it is traced per shape, padding to power-of-two buckets keeps the traces few.
+        if self._any_batch is None:
+            self._any_batch = trace_for_any_batch(self.model, x.shape[1:])
+        padded, n = (x, len(x)) if self._any_batch else pad_to_bucket(x)
         out = self.model.predict_on_batch(padded)
         if isinstance(out, dict):
             return {k: np.asarray(v)[:n] for k, v in out.items()}

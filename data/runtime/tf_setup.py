@@ -1,6 +1,9 @@
-"""TensorFlow settings that graph-mode training needs (one place; both trainers call it)."""
+"""TensorFlow settings that graph-mode training and inference need (one place: the trainers and the loaded
+bundles call it)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def configure_graph_training() -> None:
@@ -38,4 +41,29 @@ def limit_threads(threads: int) -> bool:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError:
         return False
+    return True
+
+
+def trace_for_any_batch(model: Any, input_shape: tuple[int, ...]) -> bool:
+    """Trace ``model``'s compiled predict step once for batches of any size (``input_shape``: one
+    image's shape). True when done; False where it does not apply (another backend, a model run
+    eagerly): the caller then pads batches to a few sizes (data.stream.pad_to_bucket).
+
+    Keras traces the step for the first batch's shape and, at the next shape (a folder's last batch,
+    the images stage 1 flags for stage 2), traces it again with the batch size left open: each trace
+    took ~6 s for the three-member ensemble on 2 cores. Traced open from the start, every batch size
+    reuses one graph (tests/data/test_loaded.py checks that it is traced once).
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    model.make_predict_function()
+    step = model.predict_function
+    if not hasattr(step, "get_concrete_function"):  # run_eagerly: a plain function, nothing to trace
+        return False
+    # the structure Keras' predict_on_batch calls it with: [(x,)]
+    step.get_concrete_function([(tf.TensorSpec((None, *input_shape), tf.float32),)])
     return True
