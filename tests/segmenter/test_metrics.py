@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from data.masks import segmentation_scores
-from segmenter.losses import bce_dice_loss, dice_loss, focal_tversky_loss, get_loss
+from segmenter.losses import (
+    bce_dice_loss,
+    boundary_band,
+    boundary_bce_dice_loss,
+    dice_loss,
+    focal_tversky_loss,
+    get_loss,
+)
 from segmenter.metrics import hausdorff95, lesion_size_band, lesion_size_bands, lesions, lung_affected_pct
 
 
@@ -85,8 +92,32 @@ def test_losses():
     assert float(dice_loss(y, 1.0 - y)) > 0.9
     assert float(focal_tversky_loss(y, y)) == pytest.approx(0.0, abs=1e-6)
     assert float(bce_dice_loss(y, np.clip(y, 0.01, 0.99))) < float(bce_dice_loss(y, np.full_like(y, 0.5)))
-    with pytest.raises(ValueError, match="valid: dice, bce_dice, focal_tversky"):
+    with pytest.raises(ValueError, match="valid: dice, bce_dice, boundary_bce_dice, focal_tversky"):
         get_loss("jaccard")
+
+
+
+def test_boundary_band_is_the_ring_on_both_sides_of_a_masks_edge():
+    y = np.zeros((1, 16, 16, 1), np.float32)
+    y[0, 6:10, 6:10] = 1.0
+    band = np.asarray(boundary_band(y, radius=1))[0, :, :, 0]
+    expected = np.zeros((16, 16), np.float32)
+    expected[5:11, 5:11] = 1.0  # dilated by one pixel ...
+    expected[7:9, 7:9] = 0.0  # ... minus eroded by one
+    np.testing.assert_array_equal(band, expected)
+    assert not np.asarray(boundary_band(np.zeros_like(y))).any()  # no lesion, no edge
+
+
+def test_boundary_loss_costs_a_false_positive_at_a_lesions_edge_more_than_one_far_from_it():
+    y = np.zeros((1, 16, 16, 1), np.float32)
+    y[0, 6:10, 6:10] = 1.0
+    base = np.where(y > 0, 0.9, 0.1).astype(np.float32)
+    near, far = base.copy(), base.copy()
+    near[0, 5, 7] = 0.9  # one pixel outside the edge
+    far[0, 14, 1] = 0.9  # the same error far away
+    assert float(boundary_bce_dice_loss(y, near)) > float(boundary_bce_dice_loss(y, far)) + 1e-3
+    assert float(bce_dice_loss(y, near)) == pytest.approx(float(bce_dice_loss(y, far)))  # the plain loss cannot tell
+    assert float(boundary_bce_dice_loss(y, np.clip(y, 1e-4, 1 - 1e-4))) < 0.01
 
 
 def test_lesion_shares_of_lung_add_up_to_the_lung_affected():
