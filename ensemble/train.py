@@ -371,7 +371,7 @@ class _Calibration:
 def _calibrate(model: keras.Model, settings: ClassifierSettings, val_ds) -> _Calibration:
     """Soft-vote weights (when fitted) and the temperature, on the validation split, from the final model."""
     labels, raw, members_raw = [], [], {}
-    trace_for_any_batch(model, tuple(model.inputs[0].shape[1:]))  # the last validation batch is smaller
+    trace_for_any_batch(model)  # the last validation batch is smaller
     for x, y in val_ds:
         out = model.predict_on_batch(np.asarray(x))
         raw.append(np.asarray(out["probs"]))

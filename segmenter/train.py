@@ -172,7 +172,7 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
     reestimate_batchnorm(model, (np.asarray(x) for x, _ in plain), max_batches=settings.bn_reestimate_batches)
     threshold_fit = None
     if settings.threshold == "fit":
-        trace_for_any_batch(model, tuple(model.inputs[0].shape[1:]))  # the last validation batch is smaller
+        trace_for_any_batch(model)  # the last validation batch is smaller
         threshold_fit = fit_lesion_threshold(model.predict_on_batch, val_ds, settings)  # decoded once, cached
     meta = {"arch": settings.arch, "kind": settings.kind, "classes": settings.classes,
             "channels": list(settings.channels),

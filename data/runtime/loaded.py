@@ -115,7 +115,7 @@ class LoadedBundle(EngineChoice):
         # predict_on_batch runs the compiled predict step. On TensorFlow it is traced once, for any
         # batch size; where it is traced per shape, padding to power-of-two buckets keeps the traces few.
         if self._any_batch is None:
-            self._any_batch = trace_for_any_batch(self.model, x.shape[1:])
+            self._any_batch = trace_for_any_batch(self.model)
         padded, n = (x, len(x)) if self._any_batch else pad_to_bucket(x)
         out = self.model.predict_on_batch(padded)
         if isinstance(out, dict):

@@ -44,10 +44,10 @@ def limit_threads(threads: int) -> bool:
     return True
 
 
-def trace_for_any_batch(model: Any, input_shape: tuple[int, ...]) -> bool:
-    """Trace ``model``'s compiled predict step once for batches of any size (``input_shape``: one
-    image's shape). True when done; False where it does not apply (another backend, a model run
-    eagerly): the caller then pads batches to a few sizes (data.stream.pad_to_bucket).
+def trace_for_any_batch(model: Any) -> bool:
+    """Trace ``model``'s compiled predict step (one input) once for batches of any size. True when
+    done; False where it does not apply (another backend, a model run eagerly): the caller then pads
+    batches to a few sizes (data.stream.pad_to_bucket).
 
     Keras traces the step for the first batch's shape and, at the next shape (a folder's last batch,
     the images stage 1 flags for stage 2), traces it again with the batch size left open: each trace
@@ -65,5 +65,5 @@ def trace_for_any_batch(model: Any, input_shape: tuple[int, ...]) -> bool:
     if not hasattr(step, "get_concrete_function"):  # run_eagerly: a plain function, nothing to trace
         return False
     # the structure Keras' predict_on_batch calls it with: [(x,)]
-    step.get_concrete_function([(tf.TensorSpec((None, *input_shape), tf.float32),)])
+    step.get_concrete_function([(tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32),)])
     return True
