@@ -6,6 +6,7 @@ Graph mode by default; ``run_eagerly`` for tests.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,12 +62,17 @@ def softmax_targets(x, masks):
 
 @dataclass
 class SegmenterTrainResult:
-    segmenter: Segmenter
+    out_dir: Path  # the saved bundle
     history: dict[str, list[float]]
     failures: list[tuple[str, str]]
     n_train: int = 0  # images trained on, and validated on (n_val); lesion-free ones included
     n_val: int = 0
     n_train_lesion_free: int = 0
+
+    @functools.cached_property
+    def segmenter(self) -> Segmenter:
+        """The saved bundle, loaded (and checked) on first use; `cxr train-segmenter` does not need it."""
+        return load_segmenter(self.out_dir)
 
 
 #: Fewer validation images than this keep the default cut: a handful cannot choose one.
@@ -186,5 +192,5 @@ def train_segmenter(settings: SegmenterSettings, train: Sequence[Record], val: S
               "n_train_lesion_free": sum(is_lesion_free(r, settings) for r in train),
               "n_val_lesion_free": sum(is_lesion_free(r, settings) for r in val)}
     save_bundle(model, out_dir, kind=KIND, image_size=settings.image_size, config=config, meta=meta)
-    return SegmenterTrainResult(load_segmenter(out_dir), fitted.history, list(failures.items), len(train), len(val),
+    return SegmenterTrainResult(out_dir, fitted.history, list(failures.items), len(train), len(val),
                                 config["n_train_lesion_free"])

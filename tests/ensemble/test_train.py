@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from data.datasets import make_dataset
 from data.runtime.bundle import BundleError
+from ensemble.calibration import fit_temperature
 from ensemble.classifier import load_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs
 from ensemble.train import (
@@ -72,16 +73,24 @@ def test_files_that_share_the_trained_ensemble_run_on_one_worker(request):
     assert request.node.nodeid.endswith("@trained_bundle")
 
 
-def test_save_load_gives_identical_predictions(trained_bundle):
+def test_the_saved_bundle_predicts_what_the_trained_model_did(trained_bundle, tiny_records):
+    """Loaded from disk (once: TrainResult.classifier loads on first use), the bundle gives the validation
+    outputs the in-memory model was calibrated on before saving: the temperature refitted on them and the
+    accuracies match what model.json recorded."""
     out, result = trained_bundle
-    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
-    a = result.classifier.predict(x)
-    b = load_classifier(out).predict(x)
-    np.testing.assert_array_equal(a.probs, b.probs)
-    for m in a.features:
-        np.testing.assert_array_equal(a.features[m], b.features[m])
-    np.testing.assert_allclose(a.probs.sum(1), 1.0, atol=1e-5)
-    assert a.labels[0] in ("normal", "pneumonia", "covid")
+    clf = result.classifier
+    assert result.classifier is clf  # loaded once
+    side = json.loads((out / "model.json").read_text())
+    val = side["meta"]["validation"]
+    x, y = next(iter(make_dataset(tiny_records[3::4], size=64, batch_size=8)))
+    labels = np.asarray(y).argmax(1)
+    got = clf.predict(np.asarray(x))
+    lo, hi = 0.05, 20.0  # fit_temperature's bounds: a fit at either says nothing about the outputs
+    assert lo * 1.01 < val["temperature"] < hi * 0.99
+    assert fit_temperature(got.raw_probs, labels) == pytest.approx(val["temperature"], rel=1e-3)
+    assert float((got.raw_probs.argmax(1) == labels).mean()) == val["accuracy"]
+    assert {m: float((p.argmax(1) == labels).mean()) for m, p in got.member_probs.items()} == val["member_accuracy"]
+    np.testing.assert_allclose(got.probs.sum(1), 1.0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
