@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -77,14 +78,15 @@ def tiny_records(tiny_tree):
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory, tiny_records):
-    """One eager epoch of the full three-member soft-vote ensemble at 64 px, saved."""
+    """One eager epoch of the full three-member soft-vote ensemble at 64 px, saved: one step per member
+    (the 9 training images in one batch), since each eager step of the three members costs seconds."""
     from ensemble.train import ClassifierSettings, train_classifier
 
     keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("clf")
-    settings = ClassifierSettings(image_size=64, weights=None, epochs=1, batch_size=4, run_eagerly=True,
-                                  freeze_fraction=0.3, augment=True)
     train = tiny_records[::2] + tiny_records[1::4]
+    settings = ClassifierSettings(image_size=64, weights=None, epochs=1, batch_size=len(train), run_eagerly=True,
+                                  freeze_fraction=0.3, augment=True)
     val = tiny_records[3::4]
     result = train_classifier(settings, train, val, out, verbose=0)
     return out, result
@@ -108,19 +110,42 @@ def seg_data(tmp_path_factory):
     return root
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """``build(out)`` once per test session, by whichever pytest-xdist worker asks first; the others wait
+    for it and reuse the folder (the pattern of pytest-xdist's docs, with filelock). Each worker trained
+    its own light bundles before: 15-20 s apiece on 2 cores. Tests copy a bundle before changing it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, shared by its workers
+    out, done = root / f"once-{name}", root / f"once-{name}.built"
+    with FileLock(str(root / f"once-{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def seg_model(seg_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("segmodel") / "m"
-    cfg = out.parent / "c.toml"
-    # The light MobileNetV2 U-Net: FC-DenseNet103's own training and export are checked in tests/segmenter.
-    cfg.write_text('arch = "unet-mobilenetv2"\nimage_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\n'
+    return built_once(tmp_path_factory, "segmodel", lambda root: _train_seg_model(seg_data, root)) / "m"
+
+
+def _train_seg_model(seg_data: Path, root: Path) -> None:
+    out = root / "m"
+    cfg = root / "c.toml"
+    # The light MobileNetV2 U-Net, a batch as large as the split (each eager step costs seconds): FC-DenseNet103's
+    # own training and export are checked in tests/segmenter.
+    cfg.write_text('arch = "unet-mobilenetv2"\nimage_size = 64\nepochs = 1\nbatch_size = 8\nweights = "none"\n'
                    'run_eagerly = true\nmin_lesion_area = 4\n')
     from pipeline.cli import main
 
     code = main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(seg_data / "masks"),
                  "--kind", "lesion", "--out", str(out), "--config", str(cfg), "--time-budget", "3600"])
     assert code == 0
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -128,11 +153,13 @@ def light_bundle(tmp_path_factory, tiny_records):
     """A one-member (EfficientNetB0) classifier for pipeline tests: cheap to load and trace."""
     from ensemble.train import ClassifierSettings, train_classifier
 
-    out = tmp_path_factory.mktemp("light_clf")
-    settings = ClassifierSettings(members=("efficientnetb0",), image_size=64, weights=None, epochs=1, batch_size=4,
-                                  run_eagerly=True)
-    train_classifier(settings, tiny_records[::2] + tiny_records[1::4], tiny_records[3::4], out, verbose=0)
-    return out
+    def build(out):
+        train = tiny_records[::2] + tiny_records[1::4]
+        settings = ClassifierSettings(members=("efficientnetb0",), image_size=64, weights=None, epochs=1,
+                                      batch_size=len(train), run_eagerly=True)  # one step
+        train_classifier(settings, train, tiny_records[3::4], out, verbose=0)
+
+    return built_once(tmp_path_factory, "light_clf", build)
 
 
 @pytest.fixture(scope="session")

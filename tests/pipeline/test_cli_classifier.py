@@ -68,7 +68,7 @@ def test_missing_local_weights_exit_2(tiny_tree, tmp_path, capsys):
 
 def test_train_classifier_cli_single_member(tiny_tree, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('members = ["efficientnetb0"]\nimage_size = 64\nepochs = 1\nbatch_size = 4\n'
+    cfg.write_text('members = ["efficientnetb0"]\nimage_size = 64\nepochs = 1\nbatch_size = 16\n'
                    'weights = "none"\nrun_eagerly = true\n'
                    'class_weights = { normal = 701, pneumonia = 1587, covid = 4283 }\n')
     out = tmp_path / "m"

@@ -28,12 +28,25 @@ def lung_dir(tiny_tree, tmp_path_factory):
     return d
 
 
-def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tree, lung_dir, tmp_path, capsys):
+def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tree, lung_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    from ensemble import classifier
+
     model, _ = trained_bundle
     args = ["gradcam", str(tiny_tree), "--model", str(model), "--target", "covid", "--threshold", "0.4",
             "--lung-masks", str(lung_dir), "--lesion-masks", str(lung_dir)]
+    # The second run is handed the classifier the first one loaded (a load and its traces cost ~20 s for
+    # the three members on 2 cores; loading is checked in tests/ensemble/test_train.py): what must not
+    # vary between runs is everything after it.
+    load, loaded = classifier.load_classifier, {}
+
+    def load_once(path, *a, **k):
+        return loaded.get(str(path)) or loaded.setdefault(str(path), load(path, *a, **k))
+
+    monkeypatch.setattr(classifier, "load_classifier", load_once)
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert list(loaded) == [str(model)]
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert a == b  # same checkpoint, same images → byte-identical outputs
     out = tmp_path / "a"

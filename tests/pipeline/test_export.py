@@ -38,7 +38,7 @@ def test_classifier_on_onnx_matches_keras_and_reuses_the_export(bundles):
     for m in clf.members:
         np.testing.assert_allclose(got.features[m], ref.features[m], atol=1e-4)
     mtime = (bundles[0] / ONNX_FILE).stat().st_mtime_ns
-    load_classifier(bundles[0]).use_engine("onnx")
+    clf.use_engine("onnx")  # chosen again: the record and both hashes are read anew
     assert (bundles[0] / ONNX_FILE).stat().st_mtime_ns == mtime  # reused, not exported again
 
 
@@ -99,15 +99,15 @@ def test_int8_export_is_close_to_float_and_refused_when_stale(bundles, tmp_path,
     clf = bundles[0]
     assert main(["export", "--model", str(clf), "--format", "onnx-int8"]) == 2  # no calibration images
     assert "--calibration" in capsys.readouterr().err
+    flt, q = load_classifier(clf), load_classifier(clf)  # the engine is chosen (and checked) at each use_engine
     with pytest.raises(BundleError, match="no int8 export"):
-        load_classifier(clf).use_engine("onnx-int8")
+        q.use_engine("onnx-int8")
     cal = _xray_folder(tmp_path / "cal", 6, seed=700)
     assert main(["export", "--model", str(clf), "--format", "onnx-int8", "--calibration", str(cal),
                  "--calibration-count", "3"]) == 0
     record = json.loads((clf / INT8_RECORD).read_text())
     assert record["calibration_images"] == 3 and len(record["calibration_files"]) == 3
     assert (clf / INT8_FILE).stat().st_size < 0.5 * (clf / ONNX_FILE).stat().st_size  # int8 weights
-    flt, q = load_classifier(clf), load_classifier(clf)
     flt.use_engine("onnx")
     q.use_engine("onnx-int8")
     assert q.engine == "onnx-int8"
@@ -120,7 +120,7 @@ def test_int8_export_is_close_to_float_and_refused_when_stale(bundles, tmp_path,
     record["source_sha256"] = "0" * 64  # as if model.keras had been retrained since
     (clf / INT8_RECORD).write_text(json.dumps(record))
     with pytest.raises(BundleError, match="--format onnx-int8 --calibration"):
-        load_classifier(clf).use_engine("onnx-int8")
+        q.use_engine("onnx-int8")
 
 
 def test_calibration_uses_only_the_bundles_training_split(tmp_path):

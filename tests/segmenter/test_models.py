@@ -60,7 +60,7 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(builder):
     x = np.clip(x, 0, 255)
     model.compile(keras.optimizers.Adam(1e-3), loss=get_loss("bce_dice"), run_eagerly=True)
     first = float(model.train_on_batch(x, y))
-    for _ in range(4):
+    for _ in range(2):  # each eager step of FC-DenseNet103 takes seconds on 2 cores
         last = float(model.train_on_batch(x, y))
     assert np.isfinite(first) and last < first
 
