@@ -33,13 +33,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cxr demo
 
-# Two pytest workers (pytest-xdist), one test file each at a time so module fixtures are built once:
+# pytest-xdist workers, one test file each at a time so module fixtures are built once:
 # on the 2-core CI machine the suite took 485 s in one process and 354 s in two (TensorFlow's eager
 # steps and tracing leave a core idle). PYTEST_WORKERS=0 runs it in one process. `loadgroup`, with the
 # groups tests/conftest.py gives: a file's tests stay on one worker, and the files that share the
 # three-member trained_bundle fixture go to the same one, which trains it once instead of once per
-# worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README).
-PYTEST_WORKERS ?= 2
+# worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README). Three workers
+# on the two cores: 462 s against 522 s for two, back to back in the checkout (2026-11-28 08:42-08:59 UTC):
+# a third worker's Python (tracing, eager steps, image I/O) fills what the other two leave idle.
+PYTEST_WORKERS ?= 3
 
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
