@@ -27,7 +27,12 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(p).mean())
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+#: The range :func:`fit_temperature` searches.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, *,
+                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Temperature minimising validation NLL (golden-section search on log T; NLL is unimodal in T)."""
     if len(labels) == 0:
         raise ValueError("cannot fit a temperature on an empty validation set")

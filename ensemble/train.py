@@ -378,14 +378,9 @@ class _Calibration:
 def _calibrate(model: keras.Model, settings: ClassifierSettings, val_ds) -> _Calibration:
     """Soft-vote weights (when fitted) and the temperature, on the validation split, from the final model."""
     labels, raw, members_raw = [], [], {}
-    if settings.run_eagerly:  # as the fit ran: tracing the graph would cost more than this one pass
-        def forward(x):
-            return model(x, training=False)
-    else:
-        trace_for_any_batch(model)  # the last validation batch is smaller
-        forward = model.predict_on_batch
+    trace_for_any_batch(model)  # the last validation batch is smaller (nothing to trace when run eagerly)
     for x, y in val_ds:
-        out = forward(np.asarray(x))
+        out = model.predict_on_batch(np.asarray(x))
         raw.append(np.asarray(out["probs"]))
         for m in settings.members:
             if f"{m}_probs" in out:

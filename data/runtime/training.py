@@ -351,8 +351,11 @@ class FitOutcome:
 
 
 def prepare_for_training(model: keras.Model, recipe: FitRecipe) -> None:
-    """BatchNorm momentum from the recipe; TensorFlow's graph-mode settings unless eager."""
+    """BatchNorm momentum from the recipe; TensorFlow's graph-mode settings unless eager. The model's own
+    steps follow ``recipe.run_eagerly`` from here on, so the passes after the fit (calibration, the cut
+    fit) run as the fit did: eager where it was, traced once for any batch size where it was not."""
     set_bn_momentum(model, recipe.bn_momentum)
+    model.run_eagerly = recipe.run_eagerly
     if not recipe.run_eagerly:
         from data.runtime.tf_setup import configure_graph_training
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from data.datasets import make_dataset
 from data.runtime.bundle import BundleError
-from ensemble.calibration import fit_temperature
+from ensemble.calibration import TEMPERATURE_BOUNDS, fit_temperature
 from ensemble.classifier import load_classifier
 from ensemble.ensemble import build_ensemble, loss_outputs
 from ensemble.train import (
@@ -82,10 +82,11 @@ def test_the_saved_bundle_predicts_what_the_trained_model_did(trained_bundle, ti
     assert result.classifier is clf  # loaded once
     side = json.loads((out / "model.json").read_text())
     val = side["meta"]["validation"]
-    x, y = next(iter(make_dataset(tiny_records[3::4], size=64, batch_size=8)))
+    x, y = next(iter(make_dataset(tiny_records[3::4], size=clf.image_size, mode=clf.resize_mode, clahe=clf.clahe,
+                                  batch_size=8)))
     labels = np.asarray(y).argmax(1)
     got = clf.predict(np.asarray(x))
-    lo, hi = 0.05, 20.0  # fit_temperature's bounds: a fit at either says nothing about the outputs
+    lo, hi = TEMPERATURE_BOUNDS  # a fit at either bound says nothing about the outputs
     assert lo * 1.01 < val["temperature"] < hi * 0.99
     assert fit_temperature(got.raw_probs, labels) == pytest.approx(val["temperature"], rel=1e-3)
     assert float((got.raw_probs.argmax(1) == labels).mean()) == val["accuracy"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -38,15 +39,11 @@ def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tre
     # The second run is handed the classifier the first one loaded (a load and its traces cost ~20 s for
     # the three members on 2 cores; loading is checked in tests/ensemble/test_train.py): what must not
     # vary between runs is everything after it.
-    load, loaded = classifier.load_classifier, {}
-
-    def load_once(path, *a, **k):
-        return loaded.get(str(path)) or loaded.setdefault(str(path), load(path, *a, **k))
-
+    load_once = functools.lru_cache(classifier.load_classifier)
     monkeypatch.setattr(classifier, "load_classifier", load_once)
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    assert list(loaded) == [str(model)]
+    assert load_once.cache_info().misses == 1 and load_once.cache_info().hits == 1
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert a == b  # same checkpoint, same images → byte-identical outputs
     out = tmp_path / "a"
