@@ -23,6 +23,7 @@ from pipeline.common import (
     load_settings,
     patient_ids,
     prepare_output_dir,
+    refuse_finished_output,
     run_training_job,
     write_failures,
 )
@@ -143,6 +144,7 @@ def evaluate_classifier_job(
     from ensemble.classifier import load_classifier
     from ensemble.evaluate import classification_metrics, metrics_by_group, reliability, roc_curves
 
+    refuse_finished_output(out, marker="metrics.json")
     classifier = load_classifier(model_dir)
     classifier.use_engine(engine)
     out = prepare_output_dir(out, marker="metrics.json")

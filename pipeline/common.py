@@ -19,11 +19,17 @@ from pipeline.config import build_settings, read_toml, settings_to_toml
 T = TypeVar("T")
 
 
+def refuse_finished_output(out: str | os.PathLike[str], *, marker: str = SIDECAR) -> None:
+    """DatasetError if ``out`` already holds a finished result (never overwritten): jobs call it before
+    loading a model, which costs seconds to tens of seconds, to refuse at once."""
+    if (Path(out) / marker).exists():
+        raise DatasetError(f"{out}: already holds a result ({marker}); choose another --out or remove it")
+
+
 def prepare_output_dir(out: str | os.PathLike[str], *, marker: str = SIDECAR) -> Path:
     """Create ``out`` unless it already holds a finished result (never overwritten)."""
     out = Path(out)
-    if (out / marker).exists():
-        raise DatasetError(f"{out}: already holds a result ({marker}); choose another --out or remove it")
+    refuse_finished_output(out, marker=marker)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

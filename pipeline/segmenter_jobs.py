@@ -20,6 +20,7 @@ from pipeline.common import (
     patient_ids,
     prepare_output_dir,
     read_mask_of,
+    refuse_finished_output,
     run_training_job,
     write_failures,
 )
@@ -115,6 +116,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     from segmenter.metrics import hausdorff95, lesion_size_band, lesion_size_bands
     from segmenter.model import class_masks, load_segmenter
 
+    refuse_finished_output(out, marker="metrics.json")
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
     kind = kind or seg.kind
