@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 from pathlib import Path
@@ -160,6 +161,38 @@ def light_bundle(tmp_path_factory, tiny_records):
         train_classifier(settings, train, tiny_records[3::4], out, verbose=0)
 
     return built_once(tmp_path_factory, "light_clf", build)
+
+
+#: What :func:`classifiers_loaded_once` loaded on this worker: (folder, the bundle files' mtimes) -> Classifier.
+_LOADED_CLASSIFIERS: dict[tuple, object] = {}
+
+
+@pytest.fixture
+def classifiers_loaded_once(monkeypatch) -> collections.Counter:
+    """``ensemble.classifier.load_classifier``, which every job imports where it runs, loading each bundle
+    folder once per worker and handing the same Classifier to later calls: loading the three-member
+    bundle and tracing its predict function cost ~25 s on 2 cores (cProfile of `cxr evaluate`,
+    2026-11-28). For tests of what a job does with a model; loading is checked in tests/ensemble and
+    tests/pipeline/test_export.py. A folder whose model.keras or model.json changed since is loaded
+    anew. Returns the number of calls per folder."""
+    from data.runtime.bundle import MODEL_FILE, SIDECAR
+    from ensemble import classifier
+
+    real, calls = classifier.load_classifier, collections.Counter()
+
+    def load(directory):
+        folder = Path(directory).resolve()
+        calls[folder] += 1
+        try:
+            key = (folder, *((folder / name).stat().st_mtime_ns for name in (MODEL_FILE, SIDECAR)))
+        except OSError:
+            return real(directory)  # the loader's own error
+        if key not in _LOADED_CLASSIFIERS:
+            _LOADED_CLASSIFIERS[key] = real(directory)
+        return _LOADED_CLASSIFIERS[key]
+
+    monkeypatch.setattr(classifier, "load_classifier", load)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ import pytest
 from pipeline.cli import main
 
 
-def test_predict_prints_rows_and_reports_bad_files(trained_bundle, tiny_tree, tmp_path, capsys):
+def test_predict_prints_rows_and_reports_bad_files(trained_bundle, tiny_tree, tmp_path, capsys,
+                                                   classifiers_loaded_once):
     out, _ = trained_bundle
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
@@ -26,7 +27,7 @@ def test_predict_prints_rows_and_reports_bad_files(trained_bundle, tiny_tree, tm
     assert "bad.png: not an image" in cap.err
 
 
-def test_evaluate_writes_metrics_and_plots(trained_bundle, tiny_tree, tmp_path, capsys):
+def test_evaluate_writes_metrics_and_plots(trained_bundle, tiny_tree, tmp_path, capsys, classifiers_loaded_once):
     out, _ = trained_bundle
     ev = tmp_path / "eval"
     assert main(["evaluate", "--model", str(out), "--data", str(tiny_tree), "--out", str(ev), "--bootstrap", "50"]) == 0
@@ -36,9 +37,10 @@ def test_evaluate_writes_metrics_and_plots(trained_bundle, tiny_tree, tmp_path, 
     assert "ece_before_temperature" in m and m["model"]["sha256"]
     for name in ("confusion_matrix.png", "roc.png", "reliability.png", "predictions.csv"):
         assert (ev / name).stat().st_size > 0
-    # A finished evaluation is never overwritten.
+    # A finished evaluation is never overwritten, and is refused before the model is loaded.
     assert main(["evaluate", "--model", str(out), "--data", str(tiny_tree), "--out", str(ev)]) == 2
     assert "already holds a result" in capsys.readouterr().err
+    assert classifiers_loaded_once[out.resolve()] == 1
 
 
 @pytest.mark.parametrize(

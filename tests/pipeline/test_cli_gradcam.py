@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -30,20 +29,15 @@ def lung_dir(tiny_tree, tmp_path_factory):
 
 
 def test_gradcam_writes_everything_and_is_deterministic(trained_bundle, tiny_tree, lung_dir, tmp_path, capsys,
-                                                       monkeypatch):
-    from ensemble import classifier
-
+                                                       classifiers_loaded_once):
     model, _ = trained_bundle
     args = ["gradcam", str(tiny_tree), "--model", str(model), "--target", "covid", "--threshold", "0.4",
             "--lung-masks", str(lung_dir), "--lesion-masks", str(lung_dir)]
-    # The second run is handed the classifier the first one loaded (a load and its traces cost ~20 s for
-    # the three members on 2 cores; loading is checked in tests/ensemble/test_train.py): what must not
-    # vary between runs is everything after it.
-    load_once = functools.lru_cache(classifier.load_classifier)
-    monkeypatch.setattr(classifier, "load_classifier", load_once)
+    # Both runs are handed the one loaded classifier (conftest): what must not vary between runs is
+    # everything after loading.
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    assert load_once.cache_info().misses == 1 and load_once.cache_info().hits == 1
+    assert classifiers_loaded_once[model.resolve()] == 2
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert a == b  # same checkpoint, same images → byte-identical outputs
     out = tmp_path / "a"
@@ -82,13 +76,14 @@ def _lung_box():
         (["--formats", "coco"], "unknown format"),
     ],
 )
-def test_gradcam_bad_arguments(trained_bundle, tiny_tree, tmp_path, capsys, extra, message):
+def test_gradcam_bad_arguments(trained_bundle, tiny_tree, tmp_path, capsys, extra, message, classifiers_loaded_once):
     model, _ = trained_bundle
     assert main(["gradcam", str(tiny_tree), "--model", str(model), "--out", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_tree, tmp_path, monkeypatch, capsys):
+def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_tree, tmp_path, monkeypatch, capsys,
+                                                           classifiers_loaded_once):
     import errno
 
     from data import files
@@ -105,7 +100,8 @@ def test_gradcam_on_a_full_disk_says_so_without_a_traceback(light_bundle, tiny_t
 PHI = ("Doe_John_19650304", "19650304", "MRN-4451234", "SMITH_JANE", "Doe^Jane", "SECRET-123")
 
 
-def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_refs(light_bundle, tmp_path):
+def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_refs(light_bundle, tmp_path,
+                                                                                   classifiers_loaded_once):
     """Patient-like names, a DICOM with patient tags and a 16-bit PNG: with --pseudonymize and an s3://
     SageMaker prefix, every image is an 8-bit PNG copy under OUT/images/ named by pseudonym, every
     SageMaker ref is absolute under the prefix and resolves inside OUT, Label Studio gets its own
@@ -153,7 +149,7 @@ def test_pseudonymized_exports_reference_deidentified_pngs_under_absolute_s3_ref
     assert len(list((masks / "lesion").glob("*.png"))) == 3
 
 
-def test_cvat_export_loads_in_datumaro_with_the_drafts(light_bundle, tiny_tree, tmp_path):
+def test_cvat_export_loads_in_datumaro_with_the_drafts(light_bundle, tiny_tree, tmp_path, classifiers_loaded_once):
     """CVAT imports "COCO 1.0" with Datumaro: the export, in CVAT's layout beside the images, loads
     there as crowd RLE masks whose union per image is the draft mask."""
     import subprocess
@@ -246,7 +242,7 @@ def test_labelstudio_live_round_trip_gives_back_the_drafts(light_bundle, tiny_tr
         np.testing.assert_array_equal(back > 0, cv2.imread(str(draft), cv2.IMREAD_GRAYSCALE) > 0)
 
 
-def test_gradcam_progress_counts_images(light_bundle, tiny_tree, tmp_path):
+def test_gradcam_progress_counts_images(light_bundle, tiny_tree, tmp_path, classifiers_loaded_once):
     from pipeline import api
 
     seen, progress = progress_recorder()

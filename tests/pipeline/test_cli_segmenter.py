@@ -44,7 +44,7 @@ def test_classifier_loader_refuses_a_segmenter(seg_model):
         load_classifier(seg_model)
 
 
-def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
+def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path, capsys):
     args = ["evaluate-segmenter", "--model", str(seg_model), "--images", str(seg_data / "images"),
             "--masks", str(seg_data / "masks"), "--kind", "lesion", "--bootstrap", "100"]
     assert main([*args, "--out", str(tmp_path / "held")]) == 0  # default: the bundle's held-out images only
@@ -55,6 +55,10 @@ def test_evaluate_writes_metrics_with_cis(seg_model, seg_data, tmp_path):
     assert main([*args, "--out", str(out), "--include-training"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 8 and m["evaluated"]["why"] == "--include-training"
+    # A finished evaluation is never overwritten, and is refused before any model is read.
+    (tmp_path / "empty").mkdir()  # no bundle: loading it first would say so instead
+    assert main([*args, "--out", str(out), "--model", str(tmp_path / "empty")]) == 2
+    assert "already holds a result" in capsys.readouterr().err
     assert m["tta"] == "none"  # scored as the bundle predicts
     for k in ("dice", "iou", "precision", "recall"):
         lo, hi = m[k]["ci95"]
@@ -215,7 +219,7 @@ def test_lesion_type_head_gives_lung_field_and_typed_lesions(seg_data, tmp_path,
         for kind, m in (("lung", lung), ("ggo", ggo), ("consolidation", lesion & ~ggo)):
             (masks / kind / p.name).write_bytes(png_bytes(m.astype(np.uint8) * 255))
     cfg = tmp_path / "c.toml"
-    cfg.write_text('image_size = 64\nepochs = 1\nbatch_size = 2\nweights = "none"\nrun_eagerly = true\n'
+    cfg.write_text('image_size = 64\nepochs = 1\nbatch_size = 8\nweights = "none"\nrun_eagerly = true\n'
                    'threshold = 0.05\nmin_lesion_area = 1\n')
     out = tmp_path / "m"
     assert main(["train-segmenter", "--images", str(seg_data / "images"), "--masks", str(masks), "--kind", "lesion",
