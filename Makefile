@@ -41,7 +41,7 @@ demo: $(STAMP)
 # worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README). Three workers
 # on the two cores: 462 s against 522 s for two, back to back in the checkout (2026-11-28 08:42-08:59 UTC):
 # a third worker's Python (tracing, eager steps, image I/O) fills what the other two leave idle.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 2
 
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
