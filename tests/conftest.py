@@ -13,6 +13,8 @@ import pytest
 
 from data import spec
 from data.datasets import load_records
+from data.runtime.bundle import MODEL_FILE, SIDECAR
+from ensemble.classifier import Classifier, load_classifier
 from fakes import BAD_CORPUS_EXPECT, make_bad_corpus, png_bytes, xray_like
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -163,33 +165,36 @@ def light_bundle(tmp_path_factory, tiny_records):
     return built_once(tmp_path_factory, "light_clf", build)
 
 
-#: What :func:`classifiers_loaded_once` loaded on this worker: (folder, the bundle files' mtimes) -> Classifier.
-_LOADED_CLASSIFIERS: dict[tuple, object] = {}
+#: Classifiers loaded by :func:`classifier_loaded_once` on this worker, by (folder, the bundle files' mtimes).
+_LOADED_CLASSIFIERS: dict[tuple, Classifier] = {}
+
+
+def classifier_loaded_once(directory) -> Classifier:
+    """The bundle in ``directory``, loaded once per worker: loading the three-member bundle and tracing its
+    predict function cost ~25 s on 2 cores (cProfile of `cxr evaluate`, 2026-11-28). A folder whose
+    model.keras or model.json changed since is loaded anew."""
+    folder = Path(directory).resolve()
+    try:
+        key = (folder, *((folder / name).stat().st_mtime_ns for name in (MODEL_FILE, SIDECAR)))
+    except OSError:
+        return load_classifier(directory)  # the loader's own error
+    if key not in _LOADED_CLASSIFIERS:
+        _LOADED_CLASSIFIERS[key] = load_classifier(directory)
+    return _LOADED_CLASSIFIERS[key]
 
 
 @pytest.fixture
 def classifiers_loaded_once(monkeypatch) -> collections.Counter:
-    """``ensemble.classifier.load_classifier``, which every job imports where it runs, loading each bundle
-    folder once per worker and handing the same Classifier to later calls: loading the three-member
-    bundle and tracing its predict function cost ~25 s on 2 cores (cProfile of `cxr evaluate`,
-    2026-11-28). For tests of what a job does with a model; loading is checked in tests/ensemble and
-    tests/pipeline/test_export.py. A folder whose model.keras or model.json changed since is loaded
-    anew. Returns the number of calls per folder."""
-    from data.runtime.bundle import MODEL_FILE, SIDECAR
+    """``ensemble.classifier.load_classifier``, which every job imports where it runs, handing out
+    :func:`classifier_loaded_once`: for tests of what a job does with a model (loading is checked in
+    tests/ensemble and tests/pipeline/test_export.py). Returns the number of calls per folder."""
     from ensemble import classifier
 
-    real, calls = classifier.load_classifier, collections.Counter()
+    calls = collections.Counter()
 
     def load(directory):
-        folder = Path(directory).resolve()
-        calls[folder] += 1
-        try:
-            key = (folder, *((folder / name).stat().st_mtime_ns for name in (MODEL_FILE, SIDECAR)))
-        except OSError:
-            return real(directory)  # the loader's own error
-        if key not in _LOADED_CLASSIFIERS:
-            _LOADED_CLASSIFIERS[key] = real(directory)
-        return _LOADED_CLASSIFIERS[key]
+        calls[Path(directory).resolve()] += 1
+        return classifier_loaded_once(directory)
 
     monkeypatch.setattr(classifier, "load_classifier", load)
     return calls
@@ -199,10 +204,9 @@ def classifiers_loaded_once(monkeypatch) -> collections.Counter:
 def loaded_bundles(light_bundle, seg_model):
     """(classifier, segmenter) loaded once: each load retraces the models' predict functions
     (seconds per call on 2 cores)."""
-    from ensemble.classifier import load_classifier
     from segmenter.model import load_segmenter
 
-    return load_classifier(light_bundle), load_segmenter(seg_model)
+    return classifier_loaded_once(light_bundle), load_segmenter(seg_model)
 
 
 @pytest.fixture

@@ -25,11 +25,8 @@ from pipeline.serve import ServeSettings, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def models(light_bundle, seg_model):
-    from ensemble.classifier import load_classifier
-    from segmenter.model import load_segmenter
-
-    return load_classifier(light_bundle), load_segmenter(seg_model)
+def models(loaded_bundles):
+    return loaded_bundles
 
 
 @pytest.fixture(scope="module")
