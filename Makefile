@@ -38,9 +38,9 @@ demo: $(STAMP)
 # steps and tracing leave a core idle). PYTEST_WORKERS=0 runs it in one process. `loadgroup`, with the
 # groups tests/conftest.py gives: a file's tests stay on one worker, and the files that share the
 # three-member trained_bundle fixture go to the same one, which trains it once instead of once per
-# worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README). Three workers
-# on the two cores: 462 s against 522 s for two, back to back in the checkout (2026-11-28 08:42-08:59 UTC):
-# a third worker's Python (tracing, eager steps, image I/O) fills what the other two leave idle.
+# worker (pytest 492 -> 431 s in a clean clone on the 2-core AMD machine, 2026-11-28; README). Three
+# workers ran faster in the checkout (462 against 522 s) but CI slower (682 s against 627 s the landing
+# before, with a sixth less test CPU), so two.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) $(TOOLS_STAMP)
