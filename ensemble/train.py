@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 0.584 against 0.489 for Glorot at 1e-4 and 0.462 for Glorot at 3e-4; He at 1e-3 collapses to one class.
         # EfficientNetB0 underfits at 1e-3: on bench_quality's split (64 px, 16 epochs, alone) its
         # held-out accuracy went 0.536 / 0.628 / 0.684 / 0.580 at 3e-4 / 1e-3 / 3e-3 / 1e-2 (2026-11-27, README).
-        # DenseNet121 stays at 1e-3: alone on the same split, 0.775 there against 0.748 at 3e-3 (2026-11-28).
+        # DenseNet121 stays at 1e-3: alone on the same split 0.775 there, 0.748 at 3e-3 (paired -0.027, 2026-11-28).
         "member_lr_scale": {"vgg19": 0.3, "efficientnetb0": 3.0},
         # Under a time budget DenseNet121, the member the fitted vote leans on, gets twice a member's
         # share of the time left (the others share what it leaves): with equal shares the 90-minute
