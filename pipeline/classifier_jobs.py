@@ -19,6 +19,7 @@ from data.datasets import DatasetError, FailureLog, Record
 from data.files import write_json
 from data.splits import SPLIT_NAMES, read_splits, select_split
 from pipeline.common import (
+    METRICS_FILE,
     held_out_records,
     load_settings,
     patient_ids,
@@ -144,10 +145,10 @@ def evaluate_classifier_job(
     from ensemble.classifier import load_classifier
     from ensemble.evaluate import classification_metrics, metrics_by_group, reliability, roc_curves
 
-    refuse_finished_output(out, marker="metrics.json")
+    refuse_finished_output(out, marker=METRICS_FILE)
     classifier = load_classifier(model_dir)
     classifier.use_engine(engine)
-    out = prepare_output_dir(out, marker="metrics.json")
+    out = prepare_output_dir(out, marker=METRICS_FILE)
     if splits is not None:
         records = select_split(records, read_splits(splits), split)
         if not records:
@@ -175,7 +176,7 @@ def evaluate_classifier_job(
         metrics["per_member"] = {m: classification_metrics(labels, p, n_boot=n_boot, groups=patients)
                                  for m, p in table.member_probs.items()}
     metrics["failures"] = len(table.failures)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     _write_predictions(out / "predictions.csv", kept, table)
     write_failures(out / "failures.csv", table.failures)
     plot_confusion(metrics["confusion_matrix"]["counts"], spec.CLASS_NAMES, out / "confusion_matrix.png")

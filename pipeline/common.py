@@ -19,6 +19,10 @@ from pipeline.config import build_settings, read_toml, settings_to_toml
 T = TypeVar("T")
 
 
+#: What `cxr evaluate` and `cxr evaluate-segmenter` write last: a folder holding it is a finished evaluation.
+METRICS_FILE = "metrics.json"
+
+
 def refuse_finished_output(out: str | os.PathLike[str], *, marker: str = SIDECAR) -> None:
     """DatasetError if ``out`` already holds a finished result (never overwritten): jobs call it before
     loading a model, which costs seconds to tens of seconds, to refuse at once."""

@@ -15,6 +15,7 @@ from data.files import write_json
 from data.masks import SEGMENTATION_SCORES
 from data.splits import read_splits, select_split
 from pipeline.common import (
+    METRICS_FILE,
     held_out_records,
     load_settings,
     patient_ids,
@@ -116,11 +117,11 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
     from segmenter.metrics import hausdorff95, lesion_size_band, lesion_size_bands
     from segmenter.model import class_masks, load_segmenter
 
-    refuse_finished_output(out, marker="metrics.json")
+    refuse_finished_output(out, marker=METRICS_FILE)
     seg = load_segmenter(model_dir)
     seg.use_engine(engine)
     kind = kind or seg.kind
-    out = prepare_output_dir(out, marker="metrics.json")
+    out = prepare_output_dir(out, marker=METRICS_FILE)
     if kind != seg.lung_kind:
         records = mark_lesion_free(records, [kind])
     records = [r for r in records if r.has_mask(kind)]
@@ -207,7 +208,7 @@ def evaluate_segmenter_job(model_dir, records: Sequence[Record], out, *, kind: s
                    empty_mask_convention="both empty scores 1; one empty scores 0",
                    model={"path": str(model_dir), "sha256": seg.checkpoint_sha256, "arch": seg.meta["arch"],
                           "engine": engine})
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     with (out / "per_image.csv").open("w", newline="", encoding="utf-8") as handle:
         w = csv.DictWriter(handle, fieldnames=["file", *SEGMENTATION_SCORES, "hd95", "lesion_pct"])
         w.writeheader()
